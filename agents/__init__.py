@@ -1,0 +1,1 @@
+"""Agent loop, local search tools and SPAgent speculation."""

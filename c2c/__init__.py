@@ -1,0 +1,1 @@
+"""Cache-to-cache fusion: KV fusers (projector + gate) and their training."""

@@ -1,0 +1,1 @@
+"""The orchestrator: one asyncio process for validation, sessions, pipelines, placement, admission."""
