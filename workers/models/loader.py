@@ -1,0 +1,185 @@
+"""Load a checkpoint (Hugging Face directory or GGUF file) into our CausalLM."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from tandem.errors import CheckpointError
+from workers.models.decoder import CausalLM
+from workers.models.spec import ModelSpec
+
+_PACKED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+_NAME = re.compile(r"^(?:model\.language_model\.|language_model\.model\.|model\.)?(.*)$")
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    spec: ModelSpec
+    tokenizer: object
+    path: Path
+    dtype: torch.dtype
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu") -> LoadedModel:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if path.is_file() or path.suffix == ".gguf":
+        return _load_gguf(path, dtype, device)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json (expected a Hugging Face model directory or a .gguf file)")
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise CheckpointError(f"{path}/config.json could not be read: {e}") from e
+    spec = ModelSpec.from_hf_config(config)
+    dtype = _resolve_dtype(dtype, config)
+    model = _empty_model(spec, dtype, device)
+    _copy_weights(model, spec, _safetensors_items(path), str(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise CheckpointError(f"{path}: tokenizer could not be loaded: {e}") from e
+    return LoadedModel(model.eval(), spec, tokenizer, path, dtype)
+
+
+def _load_gguf(path: Path, dtype, device) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:
+        raise CheckpointError(f"GGUF file {path} could not be loaded: {e}") from e
+    spec = ModelSpec.from_hf_config(hf.config)
+    dtype = _resolve_dtype(dtype, hf.config)
+    model = _empty_model(spec, dtype, device)
+    _copy_weights(model, spec, iter(hf.state_dict().items()), str(path))
+    return LoadedModel(model.eval(), spec, tokenizer, path, dtype)
+
+
+def _resolve_dtype(dtype, config) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(found, str):
+            found = getattr(torch, found, None)
+        return found if isinstance(found, torch.dtype) else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise CheckpointError(f"dtype {dtype!r} is not one of auto, float32, bfloat16, float16") from None
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _empty_model(spec: ModelSpec, dtype: torch.dtype, device) -> CausalLM:
+    with torch.device("meta"), _default_dtype(dtype):
+        model = CausalLM(spec)
+    model = model.to_empty(device=device)
+    if spec.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def _safetensors_items(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} holds no *.safetensors weights")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = set(json.loads(index.read_text())["weight_map"].values())
+        files = [path / n for n in sorted(names)]
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():
+                    yield name, st.get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"weights file {f} is corrupt or unreadable: {e}") from e
+
+
+def _copy_weights(model: CausalLM, spec: ModelSpec, items: Iterator[tuple[str, torch.Tensor]], source: str) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    filled: set[str] = set()
+    with torch.no_grad():
+        for hf_name, tensor in items:
+            name = hf_name if hf_name.startswith("lm_head") else "model." + _NAME.match(hf_name).group(1)
+            if "rotary_emb" in name or name.endswith("inv_freq"):
+                continue
+            if name == "lm_head.weight" and spec.tie_embeddings:
+                continue
+            parts = name.split(".")
+            packed = _PACKED.get(parts[-2]) if len(parts) >= 2 else None
+            if packed is not None:
+                parts[-2] = packed[0]
+                target_name = ".".join(parts)
+                target = params.get(target_name)
+                if target is None:
+                    raise CheckpointError(f"{source}: unexpected tensor {hf_name}")
+                _copy_shard(target, tensor, packed[1], spec, parts[-2], hf_name, source)
+                filled.add(f"{target_name}#{packed[1]}")
+                continue
+            target = params.get(name)
+            if target is None:
+                raise CheckpointError(f"{source}: unexpected tensor {hf_name}")
+            if target.shape != tensor.shape:
+                raise CheckpointError(f"{source}: tensor {hf_name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+            target.copy_(tensor)
+            filled.add(name)
+    expected = set()
+    for name, p in params.items():
+        if name == "lm_head.weight" and spec.tie_embeddings:
+            continue
+        if ".qkv_proj." in name:
+            expected |= {f"{name}#{i}" for i in range(3)}
+        elif ".gate_up_proj." in name:
+            expected |= {f"{name}#{i}" for i in range(2)}
+        else:
+            expected.add(name)
+    missing = sorted(expected - filled)
+    if missing:
+        raise CheckpointError(f"{source}: missing weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def _copy_shard(target, tensor, shard, spec: ModelSpec, kind: str, hf_name: str, source: str) -> None:
+    if kind == "qkv_proj":
+        q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        offsets, sizes = [0, q, q + kv], [q, kv, kv]
+    else:
+        offsets, sizes = [0, spec.intermediate_size], [spec.intermediate_size] * 2
+    view = target.narrow(0, offsets[shard], sizes[shard])
+    if view.shape != tensor.shape:
+        raise CheckpointError(f"{source}: tensor {hf_name} has shape {tuple(tensor.shape)}, expected {tuple(view.shape)}")
+    view.copy_(tensor)
