@@ -1,0 +1,131 @@
+"""The paged KV block pool of one model: allocation, exact free accounting, prefix caching."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from workers.engine.sequence import Sequence
+
+
+@dataclass(eq=False)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+
+class BlockManager:
+    """Blocks with `ref_count == 0` sit in `free`, oldest first; a freed full block keeps its hash
+    until it is reused, so a later request with the same prefix finds it (a prefix-cache hit)."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        assert num_blocks > 0 and block_size > 0
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}
+        self.hit_tokens = 0
+        self.queried_tokens = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _hashes(self, seq: Sequence, num_full: int) -> list[int]:
+        hashes, h = [], hash(("tandem", seq.cache_salt))
+        for i in range(num_full):
+            chunk = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            h = hash((h, chunk))
+            hashes.append(h)
+        return hashes
+
+    def match_prefix(self, seq: Sequence) -> None:
+        """For a sequence with no blocks yet: reuse cached blocks of its longest cached prefix.
+        At least one token is left to compute, so the step has logits to sample from."""
+        assert not seq.block_table and seq.num_computed == 0
+        self.queried_tokens += seq.num_tokens
+        if not self.enable_prefix_caching:
+            return
+        num_full = (seq.num_tokens - 1) // self.block_size
+        for i, h in enumerate(self._hashes(seq, num_full)):
+            block_id = self.cached.get(h)
+            if block_id is None:
+                break
+            block = self.blocks[block_id]
+            if block.token_ids != tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size]):
+                break
+            if block.ref_count == 0:
+                del self.free[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+        seq.num_computed = len(seq.block_table) * self.block_size
+        seq.num_cached_tokens = seq.num_computed
+        self.hit_tokens += seq.num_computed
+
+    def ensure(self, seq: Sequence, num_tokens: int) -> bool:
+        """Give `seq` blocks for its first `num_tokens` tokens; False (and no change) if the pool is short."""
+        need = self.blocks_needed(num_tokens) - len(seq.block_table)
+        if need <= 0:
+            return True
+        if need > self.num_free:
+            return False
+        for _ in range(need):
+            seq.block_table.append(self._take())
+        return True
+
+    def _take(self) -> int:
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None and self.cached.get(block.hash) == block_id:
+            del self.cached[block.hash]
+        block.hash, block.token_ids, block.ref_count = None, (), 1
+        return block_id
+
+    def commit(self, seq: Sequence) -> None:
+        """Register the sequence's computed full blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(seq.num_computed, seq.num_tokens) // self.block_size
+        hashes = None
+        for i in range(num_full):
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is not None:
+                continue
+            hashes = hashes or self._hashes(seq, num_full)
+            block.hash = hashes[i]
+            block.token_ids = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            self.cached.setdefault(block.hash, block.block_id)
+
+    def invalidate_from(self, seq: Sequence, token_index: int) -> None:
+        """KV from `token_index` on was overwritten: its blocks may no longer serve as cached prefixes."""
+        for block_id in seq.block_table[token_index // self.block_size :]:
+            block = self.blocks[block_id]
+            if block.hash is not None and self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash, block.token_ids = None, ()
+
+    def release(self, seq: Sequence) -> None:
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            assert block.ref_count > 0
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        seq.block_table = []
+        seq.num_computed = 0
+
+    def slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

@@ -1,0 +1,297 @@
+"""The Engine: resident models, each with its KV pool and scheduler, stepped in one loop."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from tandem.errors import InvalidRequestError, ModelNotFoundError
+from workers.engine.block_manager import BlockManager
+from workers.engine.config import EngineConfig
+from workers.engine.detokenizer import IncrementalDetokenizer
+from workers.engine.model_runner import ModelRunner
+from workers.engine.outputs import KVSlice, RequestOutput, StepOutput
+from workers.engine.policy import PolicyDecision, StepView, TokenPolicy
+from workers.engine.postprocess import finish_output, append_token
+from workers.engine.sampler import Sampler
+from workers.engine.sampling_params import SamplingParams
+from workers.engine.scheduler import Scheduler
+from workers.engine.sequence import Priority, Sequence, Status
+from workers.models import LoadedModel, load_model
+
+
+@dataclass
+class ResidentModel:
+    name: str
+    runner: ModelRunner
+    blocks: BlockManager
+    scheduler: Scheduler
+    policies: list[TokenPolicy]
+
+    @property
+    def tokenizer(self):
+        return self.runner.loaded.tokenizer
+
+
+class Engine:
+    """Thread-safe at its door (`add_request`, `abort`, `call`); everything else runs in `step`."""
+
+    def __init__(self, config: EngineConfig, preloaded: dict[str, LoadedModel] | None = None):
+        self.config = config
+        self.models: dict[str, ResidentModel] = {}
+        for mc in config.models:
+            loaded = (preloaded or {}).get(mc.name) or load_model(mc.path, mc.dtype, mc.device)
+            runner = ModelRunner(loaded, mc)
+            blocks = BlockManager(runner.num_blocks, mc.block_size, config.enable_prefix_caching)
+            sched = Scheduler(blocks, config.max_num_batched_tokens, config.max_num_seqs)
+            self.models[mc.name] = ResidentModel(mc.name, runner, blocks, sched, [])
+        self.default_model = config.models[0].name
+        self.sampler = Sampler(config.seed)
+        self.requests: dict[str, Sequence] = {}
+        self._lock = threading.Lock()
+        self._inbox: deque[Callable[[], None]] = deque()
+        self._outbox: list[StepOutput] = []
+
+    # ----- the door: validation in the caller's thread, effects in the engine's -----
+
+    def model(self, name: str | None = None) -> ResidentModel:
+        name = name or self.default_model
+        if name not in self.models:
+            raise ModelNotFoundError(f"model {name!r} is not loaded; loaded: {sorted(self.models)}")
+        return self.models[name]
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        model: str | None = None,
+        priority: Priority = Priority.NORMAL,
+        sample: bool = True,
+        cache_salt: str = "",
+    ) -> Sequence:
+        rm = self.model(model)
+        params = params or SamplingParams()
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("request_id", "must be a non-empty string")
+        token_ids = self._tokens(rm, prompt)
+        max_len = min(rm.runner.max_model_len, rm.blocks.num_blocks * rm.blocks.block_size)
+        if len(token_ids) >= max_len:
+            raise InvalidRequestError(
+                "prompt", f"{len(token_ids)} tokens leave no room to generate within {max_len} tokens "
+                f"(model context {rm.runner.max_model_len}, KV pool {rm.blocks.num_blocks * rm.blocks.block_size})")
+        seq = Sequence(request_id, rm.name, token_ids, params, Priority(priority), sample, cache_salt)
+        seq.max_len = max_len
+        if params.seed is not None:
+            seq.generator = torch.Generator().manual_seed(params.seed)
+        seq.detokenizer = IncrementalDetokenizer(rm.tokenizer, token_ids, params.skip_special_tokens)
+        with self._lock:
+            if request_id in self.requests:
+                raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+            self.requests[request_id] = seq
+            self._inbox.append(lambda: rm.scheduler.add(seq))
+        return seq
+
+    def _tokens(self, rm: ResidentModel, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            token_ids = rm.tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
+        else:
+            token_ids = list(prompt)
+        if not token_ids:
+            raise InvalidRequestError("prompt", "is empty")
+        vocab = rm.runner.spec.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError("prompt_token_ids", f"ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        return token_ids
+
+    def abort(self, request_id: str) -> None:
+        """Idempotent: an unknown or finished request is ignored. Blocks are freed at the next step."""
+        self.call(lambda: self._finish_now(request_id, "abort"))
+
+    def call(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            self._inbox.append(fn)
+
+    # ----- operations for pipelines; call them from the engine's thread (or through `call`) -----
+
+    def extend(self, request_id: str, token_ids: list[int], sample: bool = True) -> None:
+        """Append given tokens to a sequence without sampling them (catch-up prefill)."""
+        seq = self._live(request_id)
+        rm = self.models[seq.model]
+        token_ids = self._tokens(rm, token_ids)
+        if seq.num_tokens + len(token_ids) >= seq.max_len:
+            raise InvalidRequestError("token_ids", f"extending to {seq.num_tokens + len(token_ids)} tokens exceeds {seq.max_len}")
+        seq.token_ids.extend(token_ids)
+        seq.sample_on_complete = sample
+        rm.scheduler.resume(seq)
+
+    def pause(self, request_id: str) -> None:
+        seq = self._live(request_id)
+        self.models[seq.model].scheduler.pause(seq)
+
+    def resume(self, request_id: str) -> None:
+        seq = self._live(request_id)
+        self.models[seq.model].scheduler.resume(seq)
+
+    def release(self, request_id: str) -> None:
+        self._finish_now(request_id, "released")
+
+    def export_kv(self, request_id: str, layers: range | None = None, start: int = 0, end: int | None = None) -> KVSlice:
+        seq = self._live(request_id)
+        rm = self.models[seq.model]
+        layers = layers or range(rm.runner.spec.num_layers)
+        end = seq.num_computed if end is None else end
+        if not 0 <= start <= end <= seq.num_computed:
+            raise InvalidRequestError("range", f"[{start}, {end}) is not within the {seq.num_computed} computed tokens")
+        if not (0 <= layers.start < layers.stop <= rm.runner.spec.num_layers and layers.step == 1):
+            raise InvalidRequestError("layers", f"{layers} is not a layer range of a {rm.runner.spec.num_layers}-layer model")
+        slots = torch.tensor([rm.blocks.slot(seq, p) for p in range(start, end)], dtype=torch.long)
+        k, v = rm.runner.read_kv(slots.to(rm.runner.device), layers)
+        return KVSlice(layers, start, k, v)
+
+    def import_kv(self, request_id: str, kv: KVSlice, mark_computed: bool = False) -> None:
+        """Write K/V for tokens `[kv.start, kv.start + n)` of a sequence's known tokens. With
+        `mark_computed` and every layer given, those tokens count as computed (no prefill needed)."""
+        seq = self._live(request_id)
+        rm = self.models[seq.model]
+        spec = rm.runner.spec
+        n = kv.num_tokens
+        want = (len(kv.layers), n, spec.num_kv_heads, spec.head_dim)
+        for name, t in (("kv.k", kv.k), ("kv.v", kv.v)):
+            if tuple(t.shape) != want:
+                raise InvalidRequestError(name, f"shape {tuple(t.shape)} does not match {want} for this model")
+        if not (0 <= kv.layers.start < kv.layers.stop <= spec.num_layers):
+            raise InvalidRequestError("kv.layers", f"{kv.layers} is outside the model's {spec.num_layers} layers")
+        if not 0 <= kv.start <= seq.num_computed or kv.start + n > seq.num_tokens:
+            raise InvalidRequestError("kv.start", f"tokens [{kv.start}, {kv.start + n}) do not fit the sequence")
+        if not rm.blocks.ensure(seq, kv.start + n):
+            raise InvalidRequestError("kv", "the KV pool has no room for these tokens now")
+        shared = [b for b in seq.block_table if rm.blocks.blocks[b].ref_count > 1]
+        if shared:
+            raise InvalidRequestError("kv", "the sequence shares cached prefix blocks; give it a cache_salt to import KV")
+        rm.blocks.invalidate_from(seq, kv.start)
+        slots = torch.tensor([rm.blocks.slot(seq, p) for p in range(kv.start, kv.start + n)], dtype=torch.long)
+        rm.runner.write_kv(slots.to(rm.runner.device), kv.layers, kv.k, kv.v)
+        if mark_computed and len(kv.layers) == spec.num_layers:
+            seq.num_computed = max(seq.num_computed, kv.start + n)
+
+    def add_policy(self, model: str, policy: TokenPolicy) -> None:
+        self.model(model).policies.append(policy)
+
+    def _live(self, request_id: str) -> Sequence:
+        seq = self.requests.get(request_id)
+        if seq is None:
+            raise InvalidRequestError("request_id", f"no live request {request_id!r}")
+        return seq
+
+    # ----- the step -----
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._inbox) or any(rm.scheduler.num_unfinished for rm in self.models.values())
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._inbox) or any(rm.scheduler.has_work for rm in self.models.values())
+
+    def step(self) -> list[StepOutput]:
+        with self._lock:
+            inbox, self._inbox = self._inbox, deque()
+        for fn in inbox:
+            fn()
+        for rm in self.models.values():
+            self._step_model(rm)
+        outputs, self._outbox = self._outbox, []
+        return outputs
+
+    def _step_model(self, rm: ResidentModel) -> None:
+        batch = rm.scheduler.schedule()
+        if not batch:
+            return
+        now = time.monotonic()
+        sample_rows = []
+        for i, s in enumerate(batch):
+            s.seq.first_scheduled_time = s.seq.first_scheduled_time or now
+            if s.start + s.num_new == s.seq.num_tokens and s.seq.sample_on_complete:
+                sample_rows.append(i)
+        hidden, logits = rm.runner.run(batch, sample_rows)
+        for s in batch:
+            s.seq.num_computed += s.num_new
+            rm.blocks.commit(s.seq)
+            if s.seq.num_uncomputed == 0 and not s.seq.sample_on_complete:
+                rm.scheduler.pause(s.seq)
+                self._outbox.append(StepOutput(s.seq.request_id, rm.name, ready=True))
+        if not sample_rows:
+            return
+        seqs = [batch[i].seq for i in sample_rows]
+        result = self.sampler(logits, seqs)
+        tokens, decision = result.tokens, PolicyDecision()
+        for policy in rm.policies:
+            decision = policy(StepView(rm.name, seqs, hidden, logits, tokens)) or decision
+            tokens = decision.tokens if decision.tokens is not None else tokens
+        token_list = tokens.tolist()
+        pause = decision.pause.tolist() if decision.pause is not None else [False] * len(seqs)
+        for i, seq in enumerate(seqs):
+            source = decision.sources[i] if decision.sources else rm.name
+            out = append_token(seq, token_list[i], source, result.logprobs[i], rm.runner.spec.eos_token_ids)
+            if out.finished:
+                self._retire(rm, seq)
+            elif pause[i]:
+                rm.scheduler.pause(seq)
+            self._outbox.append(out)
+
+    def _finish_now(self, request_id: str, reason: str) -> None:
+        with self._lock:
+            seq = self.requests.get(request_id)
+        if seq is None or seq.is_finished:
+            return
+        rm = self.models[seq.model]
+        seq.finish_reason = reason
+        self._outbox.append(finish_output(seq))
+        self._retire(rm, seq)
+
+    def _retire(self, rm: ResidentModel, seq: Sequence) -> None:
+        seq.status = Status.FINISHED
+        rm.scheduler.remove(seq)
+        with self._lock:
+            if self.requests.get(seq.request_id) is seq:
+                del self.requests[seq.request_id]
+
+    # ----- in-process convenience -----
+
+    def generate(
+        self, prompts: Iterable[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+        model: str | None = None,
+    ) -> list[RequestOutput]:
+        prompts = list(prompts)
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [f"gen-{id(self)}-{i}" for i in range(len(prompts))]
+        results = {rid: RequestOutput(rid) for rid in ids}
+        for rid, prompt, p in zip(ids, prompts, plist):
+            self.add_request(rid, prompt, p, model)
+        while any(r.finish_reason is None for r in results.values()):
+            for out in self.step():
+                if out.request_id in results:
+                    results[out.request_id].add(out)
+        return [results[rid] for rid in ids]
+
+    def stats(self) -> dict[str, dict]:
+        return {
+            name: {
+                "num_blocks": rm.blocks.num_blocks,
+                "free_blocks": rm.blocks.num_free,
+                "block_size": rm.blocks.block_size,
+                "kv_cache_bytes": rm.runner.kv_cache_bytes,
+                "prefix_hit_tokens": rm.blocks.hit_tokens,
+                "prefix_hit_rate": rm.blocks.hit_rate,
+                "waiting": len(rm.scheduler.waiting),
+                "running": len(rm.scheduler.running),
+                "paused": len(rm.scheduler.paused),
+            }
+            for name, rm in self.models.items()
+        }

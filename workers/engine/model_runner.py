@@ -1,0 +1,62 @@
+"""ModelRunner: one resident model, its KV pool tensors, and the forward pass of a scheduled batch."""
+from __future__ import annotations
+
+import torch
+
+import kernels
+from workers.engine.config import ModelConfig
+from workers.engine.scheduler import ScheduledSeq
+from workers.models import LoadedModel
+from workers.models.decoder import ForwardBatch
+from workers.models.spec import rope_cache
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, config: ModelConfig):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.spec = spec = loaded.spec
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = loaded.dtype
+        self.block_size = config.block_size
+        self.max_model_len = min(spec.max_model_len, config.max_model_len or spec.max_model_len)
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        self.block_bytes = spec.kv_bytes_per_token * self.block_size * elem
+        self.num_blocks = max(1, int(config.kv_cache_mb * 2**20) // self.block_bytes)
+        shape = (2, spec.num_layers, self.num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
+        self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.rope = {}
+        for layer_type, (inv_freq, scale) in spec.rope.items():
+            cos, sin = rope_cache(inv_freq, scale, self.max_model_len)
+            self.rope[layer_type] = (cos.to(self.device, self.dtype), sin.to(self.device, self.dtype))
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSeq], sample_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward the batch's new tokens; return the last hidden state and logits of `sample_rows`."""
+        ids = [t for s in batch for t in s.seq.token_ids[s.start : s.start + s.num_new]]
+        meta = kernels.build_metadata(
+            [s.seq.block_table for s in batch], [s.start for s in batch], [s.num_new for s in batch],
+            self.block_size, self.device,
+        )
+        rope = {t: (cos[meta.positions], sin[meta.positions]) for t, (cos, sin) in self.rope.items()}
+        fb = ForwardBatch(meta, list(self.kv[0]), list(self.kv[1]), rope)
+        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), fb)
+        last = torch.tensor([s.num_new for s in batch]).cumsum(0) - 1
+        rows = hidden[last[torch.tensor(sample_rows, dtype=torch.long)].to(self.device)]
+        return rows, self.model.logits(rows)
+
+    @torch.inference_mode()
+    def read_kv(self, slots: torch.Tensor, layers: range) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.kv[0, layers.start : layers.stop].flatten(1, 2)[:, slots]
+        v = self.kv[1, layers.start : layers.stop].flatten(1, 2)[:, slots]
+        return k.clone(), v.clone()
+
+    @torch.inference_mode()
+    def write_kv(self, slots: torch.Tensor, layers: range, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.kv[0, layers.start : layers.stop].flatten(1, 2)[:, slots] = k.to(self.device, self.dtype)
+        self.kv[1, layers.start : layers.stop].flatten(1, 2)[:, slots] = v.to(self.device, self.dtype)
