@@ -1,0 +1,103 @@
+"""The engine on its own thread: steps while there is work and fans StepOutputs out to asyncio queues."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any, Callable
+
+from workers.engine import Engine, StepOutput
+
+log = logging.getLogger("tandem.worker")
+
+
+class EngineLoop:
+    """Owns the engine's thread. `open(rid)` gives the queue a request's StepOutputs arrive on."""
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop):
+        self.engine = engine
+        self.loop = loop
+        self.queues: dict[str, asyncio.Queue[StepOutput]] = {}
+        self.steps = 0
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._wake.clear()
+            if not self.engine.has_work:
+                self._wake.wait(0.5)
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # an engine bug must not take the worker down silently
+                log.exception("engine step failed")
+                outputs = [StepOutput(rid, "", finished=True, finish_reason="error", error=f"engine step failed: {e}")
+                           for rid in list(self.queues)]
+                for out in outputs:
+                    self.engine.abort(out.request_id)
+            self.steps += 1
+            if outputs:
+                self._post(self._dispatch, outputs)
+
+    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: shutting down
+            self._stopped = True
+
+    def _dispatch(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            queue = self.queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def open(self, request_id: str) -> asyncio.Queue[StepOutput] | None:
+        if request_id in self.queues:
+            return None
+        queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self.queues[request_id] = queue
+        return queue
+
+    def close(self, request_id: str) -> None:
+        self.queues.pop(request_id, None)
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the engine's thread at the next step; return its result or raise its error."""
+        future: asyncio.Future = self.loop.create_future()
+
+        def settle(ok: bool, value: Any) -> None:
+            if not future.done():
+                future.set_result(value) if ok else future.set_exception(value)
+
+        def call() -> None:
+            try:
+                result = fn()
+            except Exception as e:
+                self._post(settle, False, e)
+            else:
+                self._post(settle, True, result)
+
+        self.engine.call(call)
+        self._wake.set()
+        return await future
+
+    async def abort(self, request_id: str, timeout: float = 5.0) -> None:
+        """Idempotent. The abort is enqueued before the first await, so it happens even if this is cancelled."""
+        self.engine.abort(request_id)
+        try:
+            await asyncio.wait_for(self.run(lambda: None), timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            pass

@@ -1,0 +1,116 @@
+"""`python -m workers --model [NAME=]PATH ... [--port P] [--orchestrator HOST:PORT]`: one worker process.
+
+Prints `TANDEM_WORKER_READY <port>` on stdout once serving (the only line it writes there); logs go to
+stderr. With `--orchestrator` it registers itself there (and again every few seconds, so an
+orchestrator restart finds it). With `--parent-pid` it exits when that process is gone."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+READY_LINE = "TANDEM_WORKER_READY"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m workers", description=__doc__)
+    ap.add_argument("--model", action="append", required=True, help="[NAME=]PATH or a known model name; repeatable")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--advertise", default="", help="HOST:PORT the orchestrator should dial (default host:port)")
+    ap.add_argument("--orchestrator", default="", help="HOST:PORT of an orchestrator to register with")
+    ap.add_argument("--worker-id", default="")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--kv-cache-mb", type=float, default=512.0)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-message-mb", type=int, default=256)
+    ap.add_argument("--parent-pid", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    return ap.parse_args(argv)
+
+
+def model_configs(args: argparse.Namespace):
+    from tandem import assets
+    from workers.engine import ModelConfig
+
+    configs = []
+    for spec in args.model:
+        name, _, path = spec.rpartition("=")
+        resolved = assets.resolve(path)
+        name = name or (path if path.lower() in assets.REGISTRY else Path(resolved).name)
+        configs.append(ModelConfig(name, str(resolved), dtype=args.dtype, device=args.device,
+                                   block_size=args.block_size, kv_cache_mb=args.kv_cache_mb,
+                                   max_model_len=args.max_model_len))
+    return configs
+
+
+async def _register(args: argparse.Namespace, address: str, models: list[str]) -> None:
+    import grpc
+
+    from tandem.v1 import orchestrator_pb2 as pb
+    from tandem.v1 import orchestrator_pb2_grpc
+
+    log = logging.getLogger("tandem.worker")
+    async with grpc.aio.insecure_channel(args.orchestrator) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
+        request = pb.RegisterWorkerRequest(address=address, models=models, pid=os.getpid(), device=args.device,
+                                           worker_id=args.worker_id)
+        while True:
+            try:
+                reply = await stub.RegisterWorker(request, timeout=5)
+                request.worker_id = reply.worker_id
+            except grpc.aio.AioRpcError as e:
+                log.warning("registering with %s failed: %s", args.orchestrator, e.details())
+            await asyncio.sleep(5)
+
+
+async def _watch_parent(pid: int, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        if os.getppid() != pid:
+            stop.set()
+        await asyncio.sleep(1)
+
+
+async def amain(args: argparse.Namespace) -> None:
+    import torch
+
+    from workers.engine import Engine, EngineConfig
+    from workers.service import start_worker_server
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = EngineConfig(model_configs(args), max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_num_seqs=args.max_num_seqs)
+    engine = await asyncio.to_thread(Engine, config)
+    server, loop, port = await start_worker_server(engine, args.host, args.port, args.device,
+                                                   args.max_message_mb << 20)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    tasks = []
+    if args.parent_pid:
+        tasks.append(asyncio.create_task(_watch_parent(args.parent_pid, stop)))
+    if args.orchestrator:
+        address = args.advertise or f"{args.host}:{port}"
+        tasks.append(asyncio.create_task(_register(args, address, list(engine.models))))
+    print(f"{READY_LINE} {port}", flush=True)
+    await stop.wait()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await server.stop(grace=1.0)
+    loop.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("TANDEM_LOG", "WARNING"), stream=sys.stderr,
+                        format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s")
+    asyncio.run(amain(parse_args(argv)))

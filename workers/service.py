@@ -1,0 +1,166 @@
+"""The worker process: one engine on its own thread behind the tandem.v1.Worker gRPC service."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from tandem.errors import CapacityError, InvalidRequestError, ModelNotFoundError, TandemError
+from tandem.v1 import orchestrator_pb2 as pb
+from tandem.v1 import worker_pb2 as wpb
+from tandem.v1 import worker_pb2_grpc
+from workers.chat import encode, turn_tokens
+from workers.convert import kv_from_proto, kv_to_proto, sampling_from_proto, step_to_proto
+from workers.engine import Engine, Priority
+from workers.engine_loop import EngineLoop
+
+log = logging.getLogger("tandem.worker")
+T = TypeVar("T")
+SERVICE_NAME = "tandem.v1.Worker"
+
+
+async def _guard(context: grpc.aio.ServicerContext, coro: Awaitable[T]) -> T:
+    """Map Tandem's typed errors onto status codes."""
+    try:
+        return await coro
+    except InvalidRequestError as e:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except ModelNotFoundError as e:
+        await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+    except (CapacityError, TandemError) as e:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+    raise AssertionError("unreachable")
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, engine: Engine, loop: EngineLoop, device: str = "cpu"):
+        self.engine = engine
+        self.loop = loop
+        self.device = device
+
+    async def Generate(self, request: wpb.WorkerGenerateRequest, context) -> AsyncIterator[wpb.WorkerStep]:
+        rid = request.request_id
+        if not rid:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must be a non-empty string")
+        queue = self.loop.open(rid)
+        if queue is None:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is already in use")
+        added = finished = False
+        try:
+            await _guard(context, self._add(request))
+            added = True
+            self.loop.wake()
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield step_to_proto(out)
+        finally:
+            self.loop.close(rid)
+            if added and not finished:
+                await asyncio.shield(self.loop.abort(rid))
+
+    async def _add(self, request: wpb.WorkerGenerateRequest) -> None:
+        params = sampling_from_proto(request.sampling)
+        self.engine.add_request(request.request_id, list(request.prompt_token_ids), params, request.model or None,
+                                Priority(int(request.priority)), not request.prefill_only, request.cache_salt)
+
+    async def Tokenize(self, request: wpb.TokenizeRequest, context) -> wpb.TokenizeResponse:
+        async def tokenize() -> list[int]:
+            tok = self.engine.model(request.model or None).tokenizer
+            if request.WhichOneof("input") == "messages":
+                msgs = [{"role": m.role, "content": m.content} for m in request.messages.messages]
+                hist = [{"role": m.role, "content": m.content} for m in request.history]
+                return await asyncio.to_thread(turn_tokens, tok, hist, msgs, request.add_generation_prompt)
+            return await asyncio.to_thread(encode, tok, request.text)
+
+        return wpb.TokenizeResponse(token_ids=await _guard(context, tokenize()))
+
+    async def _on_engine(self, context, fn: Callable[[], T]) -> T:
+        return await _guard(context, self.loop.run(fn))
+
+    async def Extend(self, request: wpb.ExtendRequest, context) -> wpb.Ack:
+        await self._on_engine(context, lambda: self.engine.extend(request.request_id, list(request.token_ids),
+                                                                   request.sample))
+        return wpb.Ack()
+
+    async def Pause(self, request: wpb.RequestRef, context) -> wpb.Ack:
+        await self._on_engine(context, lambda: self.engine.pause(request.request_id))
+        return wpb.Ack()
+
+    async def Resume(self, request: wpb.RequestRef, context) -> wpb.Ack:
+        await self._on_engine(context, lambda: self.engine.resume(request.request_id))
+        return wpb.Ack()
+
+    async def Release(self, request: wpb.RequestRef, context) -> wpb.Ack:
+        await self._on_engine(context, lambda: self.engine.release(request.request_id))
+        return wpb.Ack()
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        live = [rid for rid in request.request_ids if rid in self.loop.queues]
+        for rid in request.request_ids:
+            self.engine.abort(rid)
+        await self.loop.abort("")
+        return pb.AbortResponse(aborted=live)
+
+    async def ExportKV(self, request: wpb.ExportKVRequest, context) -> wpb.KVData:
+        def export():
+            layers = None
+            if request.layer_start or request.layer_end:
+                n = self.engine.models[self.engine.requests[request.request_id].model].runner.spec.num_layers \
+                    if request.request_id in self.engine.requests else 0
+                layers = range(request.layer_start, request.layer_end or n)
+            end = request.end if request.HasField("end") else None
+            return self.engine.export_kv(request.request_id, layers, request.start, end)
+
+        return kv_to_proto(await self._on_engine(context, export))
+
+    async def ImportKV(self, request: wpb.ImportKVRequest, context) -> wpb.Ack:
+        kv = await _guard(context, asyncio.to_thread(kv_from_proto, request.kv))
+        await self._on_engine(context, lambda: self.engine.import_kv(request.request_id, kv, request.mark_computed))
+        return wpb.Ack()
+
+    async def GetLoad(self, request: wpb.GetLoadRequest, context) -> pb.WorkerLoad:
+        stats = await self.loop.run(self.engine.stats)
+        load = pb.WorkerLoad(pid=os.getpid(), in_flight=len(self.loop.queues), device=self.device,
+                             state=pb.WORKER_STATE_READY)
+        for name, s in stats.items():
+            load.models.add(model=name, num_blocks=s["num_blocks"], free_blocks=s["free_blocks"],
+                            block_size=s["block_size"], waiting=s["waiting"], running=s["running"],
+                            paused=s["paused"], prefix_hit_tokens=s["prefix_hit_tokens"],
+                            prefix_hit_rate=s["prefix_hit_rate"])
+        return load
+
+    async def Describe(self, request: wpb.DescribeRequest, context) -> wpb.WorkerDescription:
+        desc = wpb.WorkerDescription(pid=os.getpid(), device=self.device)
+        for name, rm in self.engine.models.items():
+            desc.models.add(name=name, path=str(rm.runner.loaded.path), max_model_len=rm.runner.max_model_len,
+                            vocab_size=rm.runner.spec.vocab_size, block_size=rm.blocks.block_size,
+                            num_blocks=rm.blocks.num_blocks, ready=True)
+        return desc
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000)]
+
+
+async def start_worker_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, device: str = "cpu",
+                              max_message_bytes: int = 256 << 20) -> tuple[grpc.aio.Server, EngineLoop, int]:
+    """Start the engine thread and the gRPC server; returns (server, loop, bound port)."""
+    loop = EngineLoop(engine, asyncio.get_running_loop())
+    loop.start()
+    server = grpc.aio.server(options=grpc_options(max_message_bytes))
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(engine, loop, device), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, loop, bound
