@@ -9,6 +9,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from tandem.assets import resolve
 from tandem.errors import InvalidRequestError, ModelNotFoundError
 from workers.engine.block_manager import BlockManager
 from workers.engine.config import EngineConfig
@@ -44,7 +45,7 @@ class Engine:
         self.config = config
         self.models: dict[str, ResidentModel] = {}
         for mc in config.models:
-            loaded = (preloaded or {}).get(mc.name) or load_model(mc.path, mc.dtype, mc.device)
+            loaded = (preloaded or {}).get(mc.name) or load_model(resolve(mc.path), mc.dtype, mc.device)
             runner = ModelRunner(loaded, mc)
             blocks = BlockManager(runner.num_blocks, mc.block_size, config.enable_prefix_caching)
             sched = Scheduler(blocks, config.max_num_batched_tokens, config.max_num_seqs)

@@ -109,24 +109,46 @@ def _empty_model(spec: ModelSpec, dtype: torch.dtype, device) -> CausalLM:
     return model
 
 
-def _safetensors_items(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
 
+
+def _safetensors_items(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read tensors one at a time with plain file reads (no mmap), so loading never holds the
+    whole file in memory beside the model."""
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path} holds no *.safetensors weights")
     index = path / "model.safetensors.index.json"
     if index.exists():
-        names = set(json.loads(index.read_text())["weight_map"].values())
-        files = [path / n for n in sorted(names)]
+        files = [path / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     for f in files:
+        yield from _read_safetensors(f)
+
+
+def _read_safetensors(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    size = f.stat().st_size
+    with open(f, "rb") as fh:
         try:
-            with safe_open(f, framework="pt") as st:
-                for name in st.keys():
-                    yield name, st.get_tensor(name)
-        except CheckpointError:
-            raise
-        except Exception as e:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(fh.read(n))
+            base = 8 + n
+            entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+            for name, info in entries:
+                begin, end = info["data_offsets"]
+                dtype = _ST_DTYPES[info["dtype"]]
+                tensor = torch.empty(info["shape"], dtype=dtype)
+                nbytes = tensor.numel() * tensor.element_size()
+                if end - begin != nbytes or base + end > size:
+                    raise ValueError(f"tensor {name} is truncated or inconsistent")
+                fh.seek(base + begin)
+                if nbytes and fh.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
+                    raise ValueError(f"tensor {name} is truncated")
+                yield name, tensor
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"weights file {f} is corrupt or unreadable: {e}") from e
 
 
