@@ -1,0 +1,94 @@
+"""`single`: one model generates every token, in one worker."""
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import grpc
+from pydantic import BaseModel, ConfigDict
+
+from orchestrator.errors import StatusError, unavailable
+from orchestrator.pipelines.base import FINISH_REASONS, Params, Pipeline, PipelineRequest
+from orchestrator.workers import WorkerHandle
+from tandem.v1 import orchestrator_pb2 as pb
+from tandem.v1 import worker_pb2 as wpb
+
+
+class SingleConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None  # None: the first model of the config
+
+
+class SingleParams(Params):
+    model: str = ""
+
+
+class Single(Pipeline):
+    name = "single"
+    description = "one model generates every token"
+    Config = SingleConfig
+    Params = SingleParams
+    typed_field = "single"
+
+    def __init__(self, config: SingleConfig, pool):
+        super().__init__(config, pool)
+        self.active: dict[str, WorkerHandle] = {}
+
+    def models(self, params: SingleParams | None = None) -> list[str]:
+        return [(params.model if params else "") or self.config.model or self.pool.model_names[0]]
+
+    async def run(self, request: PipelineRequest) -> AsyncIterator[pb.Chunk | pb.Final]:
+        model = self.models(request.params)[0]
+        handle = self.pool.pick(model)
+        call = handle.stub.Generate(wpb.WorkerGenerateRequest(
+            request_id=request.request_id, model=model, prompt_token_ids=request.token_ids,
+            sampling=request.sampling, priority=request.priority), timeout=request.timeout)
+        handle.calls.add(call)
+        self.active[request.request_id] = handle
+        finished = False
+        try:
+            async for step in call:
+                if step.token_ids or step.text:
+                    yield pb.Chunk(token_ids=step.token_ids, text=step.text, sources=step.sources,
+                                   logprobs=step.logprobs)
+                if step.finished:
+                    finished = True
+                    yield final_of(step)
+        except grpc.aio.AioRpcError as e:
+            raise worker_error(handle, e) from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not handle.ready and not (task and task.cancelling()):
+                raise unavailable(f"worker {handle.worker_id} serving {model!r} is gone") from None
+            raise
+        finally:
+            handle.calls.discard(call)
+            self.active.pop(request.request_id, None)
+            if not finished:
+                call.cancel()
+
+    async def abort(self, request_id: str) -> bool:
+        handle = self.active.get(request_id)
+        if handle is None or not handle.ready:
+            return False
+        try:
+            await handle.stub.Abort(pb.AbortRequest(request_ids=[request_id]), timeout=5)
+        except grpc.aio.AioRpcError:
+            return False
+        return True
+
+
+def final_of(step: wpb.WorkerStep) -> pb.Final:
+    final = pb.Final(finish_reason=FINISH_REASONS.get(step.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
+                     usage=step.usage, timings=step.timings)
+    if step.error:
+        final.error.CopyFrom(pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message=step.error))
+    return final
+
+
+def worker_error(handle: WorkerHandle, e: grpc.aio.AioRpcError) -> StatusError:
+    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and not handle.ready:
+        return unavailable(f"worker {handle.worker_id} is gone: {e.details()}")
+    if e.code() == grpc.StatusCode.UNAVAILABLE:
+        return unavailable(f"worker {handle.worker_id}: {e.details()}")
+    return StatusError(e.code(), e.details() or str(e.code()))
