@@ -1,0 +1,76 @@
+"""Faults with real processes: a worker killed mid-stream, and SIGTERM drain of the orchestrator."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from grpc_helpers import sampling, stub, tiny_config, wait_blocks_free, wait_ready
+from tandem.v1 import orchestrator_pb2 as pb
+
+
+def _long(rid: str, n: int = 400) -> pb.GenerateRequest:
+    return pb.GenerateRequest(request_id=rid, text="go on", sampling=sampling(max_tokens=n, ignore_eos=True))
+
+
+def test_worker_kill_mid_stream_then_restart(tiny_path):
+    from orchestrator.server import launch
+
+    with launch(tiny_config(tiny_path, restart_backoff_s=0.2)) as server:
+        s = stub(server.address)
+        pid = s.GetLoads(pb.GetLoadsRequest()).workers[0].pid
+        call = s.Generate(_long("k1"))
+        next(call)
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            list(call)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - t0 < 2.0
+        deadline = time.monotonic() + 60
+        while True:
+            w = s.GetLoads(pb.GetLoadsRequest()).workers[0]
+            if w.state == pb.WORKER_STATE_READY and w.pid != pid:
+                break
+            assert time.monotonic() < deadline, w
+            time.sleep(0.1)
+        assert w.restarts >= 1
+        wait_ready(server.address)
+        final = list(s.Generate(pb.GenerateRequest(text="after", sampling=sampling(max_tokens=4))))[-1].final
+        assert final.usage.completion_tokens == 4
+        wait_blocks_free(s)
+
+
+def test_sigterm_drains_in_flight_and_refuses_new(tiny_path):
+    from orchestrator.server import launch
+
+    server = launch(tiny_config(tiny_path, drain_grace_s=20))
+    s = stub(server.address)
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.address))
+    result: dict = {}
+
+    def consume() -> None:
+        try:
+            result["msgs"] = list(s.Generate(_long("dr1", 300)))
+        except grpc.RpcError as e:
+            result["error"] = e
+
+    call_thread = threading.Thread(target=consume)
+    call_thread.start()
+    time.sleep(0.3)
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    status = health.Check(health_pb2.HealthCheckRequest(service="tandem.v1.Orchestrator")).status
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as e:
+        list(s.Generate(pb.GenerateRequest(text="late", sampling=sampling(max_tokens=2))))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in e.value.details()
+    call_thread.join(30)
+    assert "error" not in result, result.get("error")
+    assert result["msgs"][-1].final.usage.completion_tokens == 300
+    assert server.process.wait(30) == 0
