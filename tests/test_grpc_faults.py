@@ -74,3 +74,30 @@ def test_sigterm_drains_in_flight_and_refuses_new(tiny_path):
     assert "error" not in result, result.get("error")
     assert result["msgs"][-1].final.usage.completion_tokens == 300
     assert server.process.wait(30) == 0
+
+
+def test_hand_started_worker_registers_and_metrics(tiny_path):
+    import subprocess
+    import sys
+    import urllib.request
+
+    from orchestrator.server import launch
+
+    with launch(tiny_config(tiny_path, metrics_port=0)) as server:
+        s = stub(server.address)
+        worker = subprocess.Popen([sys.executable, "-m", "workers", "--model", f"hand={tiny_path}", "--kv-cache-mb", "2",
+                                   "--block-size", "4", "--orchestrator", server.address], stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while not any(m.name == "hand" and m.ready for m in s.ListModels(pb.ListModelsRequest()).models):
+                assert time.monotonic() < deadline and worker.poll() is None
+                time.sleep(0.2)
+            req = pb.GenerateRequest(text="hi", single=pb.SingleParams(model="hand"), sampling=sampling(max_tokens=3))
+            assert list(s.Generate(req))[-1].final.usage.completion_tokens == 3
+        finally:
+            worker.terminate()
+            worker.wait(10)
+        address = s.GetServerInfo(pb.GetServerInfoRequest()).metrics_address
+        text = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
+        assert 'tandem_requests_total{outcome="length",pipeline="single"}' in text
+        assert "tandem_ttft_seconds_bucket" in text and "tandem_kv_usage_ratio" in text
