@@ -230,11 +230,26 @@ def session_info(s: Any) -> SessionInfo:
 
 
 def to_dict(msg: Any) -> dict[str, Any]:
-    """A message as a plain dict with every field present (enum values as lower-case names for states)."""
-    from google.protobuf.json_format import MessageToDict
+    """A message as plain Python: every field present, int64 as int, enums as lower-case names."""
+    from google.protobuf.descriptor import FieldDescriptor as F
 
-    data = MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-    for w in data.get("workers", []) if isinstance(data.get("workers"), list) else []:
-        if isinstance(w.get("state"), str):
-            w["state"] = w["state"].removeprefix("WORKER_STATE_").lower()
-    return data
+    def value(fd: Any, v: Any) -> Any:
+        if fd.type == F.TYPE_MESSAGE:
+            return to_dict(v)
+        if fd.type == F.TYPE_ENUM:
+            name = fd.enum_type.values_by_number[v].name if v in fd.enum_type.values_by_number else str(v)
+            prefix = "".join("_" + c if c.isupper() else c for c in fd.enum_type.name).lstrip("_").upper() + "_"
+            return name.removeprefix(prefix).lower()
+        return v
+
+    out: dict[str, Any] = {}
+    for fd in msg.DESCRIPTOR.fields:
+        v = getattr(msg, fd.name)
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            vf = fd.message_type.fields_by_name["value"]
+            out[fd.name] = {k: value(vf, x) for k, x in v.items()}
+        elif fd.is_repeated:
+            out[fd.name] = [value(fd, x) for x in v]
+        else:
+            out[fd.name] = value(fd, v)
+    return out

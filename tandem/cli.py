@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from tandem import cli_server
 from tandem.cli_models import models_app
 from tandem.errors import TandemError
 
@@ -32,8 +33,13 @@ def generate(
     chat: bool = typer.Option(True, "--chat/--raw", help="Wrap the prompt in the model's chat template."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32 or bfloat16."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+    server: Optional[str] = typer.Option(None, "--server", "-s", help="HOST:PORT of a Tandem server (default: in process)."),
 ) -> None:
-    """Generate in process with the engine (no server)."""
+    """Generate in process with the engine, or against a server with --server HOST:PORT."""
+    if server is not None:
+        return cli_server.generate_remote(server, prompt, model=model, chat=chat, as_json=as_json,
+                                          max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                          top_k=top_k, seed=seed, stop=stop or None)
     from workers.engine import Engine, EngineConfig, ModelConfig, SamplingParams
 
     try:
@@ -78,6 +84,9 @@ def demo() -> None:
         run()
     except TandemError as e:
         _fail(str(e))
+
+
+cli_server.register(app)
 
 
 def main() -> None:

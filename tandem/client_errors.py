@@ -93,7 +93,7 @@ def error_for(code: Any, message: str, *, field: str = "", request_id: str = "")
         code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
     name = code.name if code is not None else "UNKNOWN"
     cls = _BY_NAME.get(name, ServerError)
-    if cls is InvalidArgumentError and not field and ": " in message:
+    if cls in (InvalidArgumentError, NotFoundError) and not field and ": " in message:
         field = message.split(": ", 1)[0]
     err = cls(message, code=code, field=field, request_id=request_id)
     if cls is ServerError:
