@@ -41,3 +41,76 @@ def paged_attention(
         o = F.scaled_dot_product_attention(qs, k, v, attn_mask=meta.extend_mask(i, window), scale=scale, enable_gqa=gqa)
         out[e.q_start : e.q_start + e.q_len] = o[0].transpose(0, 1)
     return out
+
+
+def _gather_keys(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    page = cache.shape[1]
+    pos = torch.arange(length, device=cache.device)
+    slots = block_table[pos // page].long() * page + pos % page
+    return cache.reshape(-1, *cache.shape[2:])[slots], slots
+
+
+def _attend(q, k, v, q_pos, k_pos, scale, window):
+    """q `[m, heads, d]`, k/v `[n, kv_heads, d]`, fp32 math; a row with nothing to attend is zero."""
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("mhd,nhd->hmn", q.float(), k) * scale
+    valid = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        valid &= k_pos[None, :] > q_pos[:, None] - window
+    scores = scores.masked_fill(~valid[None], float("-inf"))
+    probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)
+    return torch.einsum("hmn,nhd->mhd", probs, v)
+
+
+def decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, window=None, kv_pos=None):
+    """Oracle of `triton_decode.decode_attention`."""
+    out = torch.zeros_like(q)
+    for b in range(q.shape[0]):
+        n = int(seq_lens[b])
+        k, slots = _gather_keys(k_cache, block_tables[b], n)
+        v, _ = _gather_keys(v_cache, block_tables[b], n)
+        k_pos = kv_pos.reshape(-1)[slots].long() if kv_pos is not None else torch.arange(n, device=q.device)
+        q_pos = torch.tensor([n - 1], device=q.device)
+        out[b] = _attend(q[b : b + 1], k, v, q_pos, k_pos, scale, window)[0].to(q.dtype)
+    return out
+
+
+def extend_attention_ref(q, k_cache, v_cache, block_tables, cu_q, seq_lens, scale, window=None, kv_pos=None):
+    """Oracle of `triton_extend.extend_attention`."""
+    out = torch.zeros_like(q)
+    for s in range(seq_lens.shape[0]):
+        a, b, n = int(cu_q[s]), int(cu_q[s + 1]), int(seq_lens[s])
+        k, slots = _gather_keys(k_cache, block_tables[s], n)
+        v, _ = _gather_keys(v_cache, block_tables[s], n)
+        k_pos = kv_pos.reshape(-1)[slots].long() if kv_pos is not None else torch.arange(n, device=q.device)
+        q_pos = torch.arange(n - (b - a), n, device=q.device)
+        out[a:b] = _attend(q[a:b], k, v, q_pos, k_pos, scale, window).to(q.dtype)
+    return out
+
+
+def store_kv_ref(k_cache, v_cache, k, v, slots) -> None:
+    """Oracle of `triton_kv.store_kv`: slot -1 is padding."""
+    keep = slots >= 0
+    store_kv(k_cache, v_cache, k[keep], v[keep], slots[keep])
+
+
+def add_rmsnorm_ref(x, residual, weight, eps, offset=False):
+    """Oracle of `triton_norm_rope.add_rmsnorm` (same dtype semantics as transformers' norms)."""
+    if residual is not None:
+        residual.add_(x)
+        x = residual
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = (normed * (1.0 + weight.float())).to(x.dtype) if offset else weight * normed.to(x.dtype)
+    return y, x
+
+
+def rotary_ref(x, cos, sin, positions):
+    """Oracle of `triton_norm_rope.rotary_`; cos/sin tables hold both halves, as transformers builds them."""
+    half = x.shape[-1] // 2
+    c, s = cos[positions][:, None, :half].float(), sin[positions][:, None, :half].float()
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    x.copy_(torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1))
+    return x

@@ -1,0 +1,117 @@
+"""Triton: paged decode attention, grouped over GQA heads, split over the KV length, then combined."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, pos_ptr, part_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_bt, scale, window,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_POS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(len_ptr + b)
+    heads = kvh * GROUP + tl.arange(0, BLOCK_H)
+    h_mask = tl.arange(0, BLOCK_H) < GROUP
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=h_mask[:, None], other=0.0)
+
+    q_pos = seq_len - 1
+    lo = 0
+    if HAS_WINDOW and not HAS_POS:
+        lo = tl.maximum(seq_len - window, 0)
+    span = seq_len - lo
+    split_len = tl.cdiv(tl.cdiv(span, SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, D], tl.float32)
+    row = KV_HEADS * D
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < end
+        page = tl.load(bt_ptr + b * stride_bt + n // PAGE, mask=n_mask, other=0).to(tl.int64)
+        slot = page * PAGE + n % PAGE
+        k = tl.load(kc_ptr + slot[:, None] * row + kvh * D + d[None, :], mask=n_mask[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        valid = n_mask
+        if HAS_POS:
+            k_pos = tl.load(pos_ptr + slot, mask=n_mask, other=0)
+            valid = valid & (k_pos <= q_pos)
+            if HAS_WINDOW:
+                valid = valid & (k_pos > q_pos - window)
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(qk - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        v = tl.load(vc_ptr + slot[:, None] * row + kvh * D + d[None, :], mask=n_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+
+    out_base = (b * KV_HEADS * GROUP + heads) * SPLITS + split
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    tl.store(part_ptr + out_base[:, None] * D + d[None, :], acc / l_safe[:, None], mask=h_mask[:, None])
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_safe))
+    tl.store(lse_ptr + out_base, lse, mask=h_mask)
+
+
+@triton.jit
+def _decode_combine_kernel(part_ptr, lse_ptr, o_ptr, stride_ob, stride_oh, HEADS: tl.constexpr,
+                           D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, D)
+    base = (b * HEADS + h) * SPLITS
+    lse = tl.load(lse_ptr + base + s, mask=s < SPLITS, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_safe)
+    total = tl.sum(w, 0)
+    part = tl.load(part_ptr + (base + s)[:, None] * D + d[None, :], mask=(s < SPLITS)[:, None], other=0.0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + d, out.to(o_ptr.dtype.element_ty))
+
+
+def num_splits_for(batch: int, kv_heads: int, max_len: int, sms: int = 132) -> int:
+    """Enough programs to fill the GPU, never splits shorter than 256 tokens."""
+    want = max(1, (2 * sms) // max(1, batch * kv_heads))
+    return int(min(want, max(1, triton.cdiv(max_len, 256)), 64))
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, scale: float, window: int | None = None, num_splits: int = 1,
+    kv_pos: torch.Tensor | None = None, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q `[B, heads, d]`; one query per sequence at position `seq_lens - 1`."""
+    b, heads, d = q.shape
+    kv_heads, page = k_cache.shape[2], k_cache.shape[1]
+    group = heads // kv_heads
+    assert heads % kv_heads == 0 and q.stride(2) == 1 and block_tables.stride(1) == 1
+    out = torch.empty_like(q) if out is None else out
+    if b == 0:
+        return out
+    part = torch.empty((b, heads, num_splits, d), dtype=torch.float32, device=q.device)
+    lse = torch.empty((b, heads, num_splits), dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(b, kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, kv_pos if kv_pos is not None else seq_lens, part, lse,
+        q.stride(0), q.stride(1), block_tables.stride(0), scale, window or 0,
+        KV_HEADS=kv_heads, GROUP=group, D=d, PAGE=page, SPLITS=num_splits,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=32 if d > 128 else 64,
+        HAS_WINDOW=window is not None, HAS_POS=kv_pos is not None, num_warps=4, num_stages=2,
+    )
+    _decode_combine_kernel[(b, heads)](part, lse, out, out.stride(0), out.stride(1), HEADS=heads, D=d,
+                                       SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits))
+    return out

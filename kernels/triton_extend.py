@@ -1,0 +1,96 @@
+"""Triton: causal attention of a ragged batch of new tokens over each sequence's paged KV
+(the cached prefix and the new tokens, which `store_kv` has already written)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr, o_ptr, kc_ptr, vc_ptr, bt_ptr, cu_ptr, len_ptr, pos_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, scale, window,
+    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_POS: tl.constexpr,
+):
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    mb = tl.program_id(2)
+    q_start = tl.load(cu_ptr + s)
+    q_len = tl.load(cu_ptr + s + 1) - q_start
+    if mb * BLOCK_M >= q_len:
+        return
+    ctx = tl.load(len_ptr + s)
+    kvh = h // GROUP
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_mask = rows < q_len
+    q_pos = ctx - q_len + rows
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (q_start + rows)[:, None].to(tl.int64) * stride_qt + h * stride_qh + d[None, :],
+                mask=r_mask[:, None], other=0.0)
+
+    hi = tl.minimum(ctx, ctx - q_len + (mb + 1) * BLOCK_M)
+    lo = 0
+    if HAS_WINDOW and not HAS_POS:
+        lo = tl.maximum(ctx - q_len + mb * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+    if HAS_POS:
+        hi = ctx
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    row = KV_HEADS * D
+    for n0 in range(lo, hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < hi
+        page = tl.load(bt_ptr + s * stride_bt + n // PAGE, mask=n_mask, other=0).to(tl.int64)
+        slot = page * PAGE + n % PAGE
+        k = tl.load(kc_ptr + slot[:, None] * row + kvh * D + d[None, :], mask=n_mask[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        k_pos = n
+        if HAS_POS:
+            k_pos = tl.load(pos_ptr + slot, mask=n_mask, other=0)
+        valid = n_mask[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            valid = valid & (k_pos[None, :] > q_pos[:, None] - window)
+        qk = tl.where(valid, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(qk - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        v = tl.load(vc_ptr + slot[:, None] * row + kvh * D + d[None, :], mask=n_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(o_ptr + (q_start + rows)[:, None].to(tl.int64) * stride_ot + h * stride_oh + d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=r_mask[:, None])
+
+
+def extend_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    cu_q: torch.Tensor, seq_lens: torch.Tensor, max_q_len: int, scale: float, window: int | None = None,
+    kv_pos: torch.Tensor | None = None, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q `[T, heads, d]` holds sequence i's new tokens at rows `cu_q[i]:cu_q[i+1]`, the last
+    `cu_q[i+1] - cu_q[i]` of its `seq_lens[i]` tokens."""
+    t, heads, d = q.shape
+    kv_heads, page = k_cache.shape[2], k_cache.shape[1]
+    out = torch.empty_like(q) if out is None else out
+    n_seqs = seq_lens.shape[0]
+    if t == 0 or n_seqs == 0:
+        return out
+    block_m = 16 if max_q_len <= 16 else (64 if d <= 128 else 32)
+    block_n = 64 if d <= 128 else 32
+    if q.is_cuda and d <= 128 and max_q_len > 64:
+        block_m = 128
+    grid = (n_seqs, heads, triton.cdiv(max_q_len, block_m))
+    _extend_kernel[grid](
+        q, out, k_cache, v_cache, block_tables, cu_q, seq_lens, kv_pos if kv_pos is not None else seq_lens,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale, window or 0,
+        KV_HEADS=kv_heads, GROUP=heads // kv_heads, D=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_WINDOW=window is not None, HAS_POS=kv_pos is not None,
+        num_warps=8 if block_m >= 128 else 4, num_stages=3 if q.is_cuda else 1,
+    )
+    return out

@@ -1,0 +1,159 @@
+"""Each Triton kernel against its plain-torch reference (Triton's interpreter on CPU; bf16 runs on the GPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from kernels import reference as ref  # noqa: E402
+from kernels.triton_decode import decode_attention  # noqa: E402
+from kernels.triton_extend import extend_attention  # noqa: E402
+from kernels.triton_kv import store_kv  # noqa: E402
+from kernels.triton_norm_rope import add_rmsnorm, rotary_  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
+TOL = {torch.float32: 2e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+PAGE = 16
+
+
+def _paged_cache(lengths, kv_heads, d, dtype, seed=0):
+    """Random K/V caches with each sequence's pages scattered over the pool in shuffled order."""
+    g = torch.Generator().manual_seed(seed)
+    pages = [-(-n // PAGE) for n in lengths]
+    total = sum(pages) + 3
+    order = torch.randperm(total, generator=g).tolist()
+    tables = torch.zeros((len(lengths), max(pages)), dtype=torch.int32)
+    for i, p in enumerate(pages):
+        tables[i, :p] = torch.tensor([order.pop() for _ in range(p)], dtype=torch.int32)
+    k = torch.randn(total, PAGE, kv_heads, d, generator=g).to(dtype)
+    v = torch.randn(total, PAGE, kv_heads, d, generator=g).to(dtype)
+    return k.to(DEV), v.to(DEV), tables.to(DEV)
+
+
+CASES = [  # (lengths, kv_heads, group, head_dim)
+    ([1, 15, 16, 17, 40], 2, 1, 64),
+    ([33, 5], 2, 2, 128),
+    ([64, 1, 31], 1, 4, 64),
+    ([20, 48], 2, 7, 64),
+    ([17, 9], 1, 2, 256),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lengths,kv_heads,group,d", CASES)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_attention(dtype, lengths, kv_heads, group, d, splits):
+    k, v, tables = _paged_cache(lengths, kv_heads, d, dtype)
+    q = torch.randn(len(lengths), kv_heads * group, d).to(dtype).to(DEV)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEV)
+    out = decode_attention(q, k, v, tables, lens, d**-0.5, num_splits=splits)
+    want = ref.decode_attention_ref(q, k, v, tables, lens, d**-0.5)
+    torch.testing.assert_close(out.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
+@pytest.mark.parametrize("window", [1, 8, 20])
+def test_decode_attention_sliding_window(dtype, window):
+    lengths = [1, 16, 37]
+    k, v, tables = _paged_cache(lengths, 2, 64, dtype, seed=1)
+    q = torch.randn(3, 4, 64).to(dtype).to(DEV)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEV)
+    out = decode_attention(q, k, v, tables, lens, 0.125, window=window, num_splits=2)
+    want = ref.decode_attention_ref(q, k, v, tables, lens, 0.125, window=window)
+    torch.testing.assert_close(out.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_decode_position_tags_and_fully_masked_rows_give_zeros():
+    lengths = [20, 20]
+    k, v, tables = _paged_cache(lengths, 2, 64, torch.float32, seed=2)
+    kv_pos = torch.arange(k.shape[0] * PAGE, dtype=torch.int32, device=DEV).reshape(k.shape[0], PAGE) % 7
+    kv_pos[tables[1].long()] = 1000
+    q = torch.randn(2, 4, 64, device=DEV)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEV)
+    out = decode_attention(q, k, v, tables, lens, 0.125, num_splits=2, kv_pos=kv_pos)
+    want = ref.decode_attention_ref(q, k, v, tables, lens, 0.125, kv_pos=kv_pos)
+    assert not out.isnan().any()
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out, want, atol=2e-4, rtol=2e-4)
+
+
+EXTEND_CASES = [  # (context lengths, new-token counts, kv_heads, group, head_dim)
+    ([16, 40, 5], [16, 7, 5], 2, 1, 64),
+    ([33, 17], [33, 1], 2, 2, 128),
+    ([70], [70], 1, 4, 64),
+    ([24, 50], [3, 19], 2, 7, 64),
+    ([18], [18], 1, 2, 256),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lengths,new,kv_heads,group,d", EXTEND_CASES)
+def test_extend_attention(dtype, lengths, new, kv_heads, group, d):
+    k, v, tables = _paged_cache(lengths, kv_heads, d, dtype, seed=3)
+    cu = torch.tensor([0] + torch.tensor(new).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    q = torch.randn(sum(new), kv_heads * group, d).to(dtype).to(DEV)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEV)
+    out = extend_attention(q, k, v, tables, cu, lens, max(new), d**-0.5)
+    want = ref.extend_attention_ref(q, k, v, tables, cu, lens, d**-0.5)
+    torch.testing.assert_close(out.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("window", [4, 16])
+def test_extend_attention_sliding_window_and_position_tags(window):
+    lengths, new = [40, 21], [40, 6]
+    k, v, tables = _paged_cache(lengths, 2, 64, torch.float32, seed=4)
+    cu = torch.tensor([0, 40, 46], dtype=torch.int32, device=DEV)
+    q = torch.randn(46, 4, 64, device=DEV)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEV)
+    out = extend_attention(q, k, v, tables, cu, lens, 40, 0.125, window=window)
+    torch.testing.assert_close(out, ref.extend_attention_ref(q, k, v, tables, cu, lens, 0.125, window=window),
+                               atol=2e-4, rtol=2e-4)
+    kv_pos = torch.randint(0, 45, (k.shape[0], PAGE), dtype=torch.int32, device=DEV)
+    out = extend_attention(q, k, v, tables, cu, lens, 40, 0.125, kv_pos=kv_pos)
+    want = ref.extend_attention_ref(q, k, v, tables, cu, lens, 0.125, kv_pos=kv_pos)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, want, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kv_heads,d", [(2, 64), (1, 256), (7, 128)])
+def test_store_kv_with_padding_slots(dtype, kv_heads, d):
+    kc = torch.zeros(4, PAGE, kv_heads, d, dtype=dtype, device=DEV)
+    vc = torch.zeros_like(kc)
+    fused = torch.randn(6, 3 * kv_heads * d).to(dtype).to(DEV)
+    k = fused[:, : kv_heads * d].view(6, kv_heads, d)
+    v = fused[:, kv_heads * d : 2 * kv_heads * d].view(6, kv_heads, d)
+    slots = torch.tensor([3, 17, -1, 63, 0, 40], device=DEV)
+    store_kv(kc, vc, k, v, slots)
+    kr, vr = torch.zeros_like(kc), torch.zeros_like(vc)
+    ref.store_kv_ref(kr, vr, k, v, slots)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("offset", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rmsnorm(dtype, offset, with_residual):
+    x = torch.randn(5, 96).to(dtype).to(DEV)
+    res = torch.randn(5, 96).to(dtype).to(DEV) if with_residual else None
+    w = torch.randn(96).to(dtype).to(DEV)
+    res_ref = res.clone() if res is not None else None
+    y, r = add_rmsnorm(x, res, w, 1e-6, offset)
+    y_ref, r_ref = ref.add_rmsnorm_ref(x.clone(), res_ref, w, 1e-6, offset)
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=TOL[dtype] * 5, rtol=TOL[dtype] * 5)
+    torch.testing.assert_close(r, r_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_rotary(dtype, d):
+    from workers.models.spec import rope_cache
+
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    cos, sin = (t.to(dtype).to(DEV) for t in rope_cache(inv, 1.0, 64))
+    x = torch.randn(7, 3, d).to(dtype).to(DEV)
+    pos = torch.tensor([0, 1, 5, 63, 2, 2, 30], device=DEV)
+    got = rotary_(x.clone(), cos, sin, pos)
+    want = ref.rotary_ref(x.clone(), cos, sin, pos)
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype] * 5, rtol=TOL[dtype] * 5)
