@@ -1,7 +1,51 @@
-"""Attention and KV-cache kernels. Each has a plain-torch reference (CPU path and test oracle)."""
+"""Attention and KV-cache kernels. Each Triton kernel has a plain-torch reference beside it, which
+is the CPU path and the test oracle; tensors on CUDA take the Triton kernels."""
 from __future__ import annotations
 
-from kernels.metadata import AttentionMetadata, build_metadata
-from kernels.reference import paged_attention, store_kv
+import torch
 
-__all__ = ["AttentionMetadata", "build_metadata", "paged_attention", "store_kv"]
+from kernels import reference
+from kernels.metadata import AttentionMetadata, build_metadata
+
+__all__ = ["AttentionMetadata", "build_metadata", "paged_attention", "store_kv", "add_rmsnorm", "rotary_"]
+
+
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    if k_cache.is_cuda:
+        from kernels.triton_kv import store_kv as triton_store_kv
+
+        return triton_store_kv(k_cache, v_cache, k, v, slots)
+    return reference.store_kv(k_cache, v_cache, k, v, slots)
+
+
+def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None = None):
+    if not q.is_cuda:
+        return reference.paged_attention(q, k_cache, v_cache, meta, scale, window)
+    from kernels.triton_decode import decode_attention
+    from kernels.triton_extend import extend_attention
+
+    out = torch.empty_like(q)
+    nd = meta.num_decode
+    if nd:
+        decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale, window,
+                         meta.num_splits, out=out[:nd])
+    if meta.num_extend:
+        extend_attention(q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.cu_q, meta.seq_lens[nd:],
+                         meta.max_q_len, scale, window, out=out[nd:])
+    return out
+
+
+def add_rmsnorm(x, residual, weight, eps: float, offset: bool = False):
+    if x.is_cuda:
+        from kernels.triton_norm_rope import add_rmsnorm as triton_add_rmsnorm
+
+        return triton_add_rmsnorm(x, residual, weight, eps, offset)
+    return reference.add_rmsnorm_ref(x, residual, weight, eps, offset)
+
+
+def rotary_(x, cos, sin, positions):
+    if x.is_cuda:
+        from kernels.triton_norm_rope import rotary_ as triton_rotary
+
+        return triton_rotary(x, cos, sin, positions)
+    return reference.rotary_ref(x, cos, sin, positions)

@@ -7,54 +7,40 @@ import torch
 
 
 @dataclass
-class ExtendSeq:
-    """A sequence whose step has several new tokens (a prefill chunk or a catch-up)."""
-
-    q_start: int
-    q_len: int
-    ctx_len: int
-    slots: torch.Tensor
-
-
-@dataclass
 class AttentionMetadata:
-    """Shared by every layer of one step.
+    """Shared by every layer of one step; all tensors, so a CUDA graph can capture it.
 
-    Tokens are flattened: the decode rows (one new token each) come first, then the extend
-    sequences. `slot_mapping[i]` is the cache slot that token i's K/V are written to.
+    Tokens are flattened: the `num_decode` decode rows (one new token each) come first, then the
+    extend sequences (prefill chunks, catch-ups) at rows `num_decode + cu_q[i] : num_decode + cu_q[i+1]`.
+    `seq_lens[i]` counts sequence i's tokens including the new ones; `slot_mapping[t]` is where
+    token t's K/V are written (-1: padding, skipped).
     """
 
     slot_mapping: torch.Tensor
     positions: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
     num_decode: int
-    decode_slots: torch.Tensor
-    decode_ctx_lens: torch.Tensor
-    extends: list[ExtendSeq]
-    _masks: dict = field(default_factory=dict, repr=False)
+    cu_q: torch.Tensor
+    max_q_len: int
+    page_size: int
+    num_splits: int = 1
+    _cache: dict = field(default_factory=dict, repr=False)
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        key = ("decode", window)
-        if key not in self._masks:
-            n_keys = self.decode_slots.shape[1]
-            j = torch.arange(n_keys, device=self.decode_slots.device)
-            q = (self.decode_ctx_lens - 1)[:, None]
-            mask = j[None, :] <= q
-            if window is not None:
-                mask &= j[None, :] > q - window
-            self._masks[key] = mask[:, None, None, :]
-        return self._masks[key]
+    @property
+    def num_extend(self) -> int:
+        return self.seq_lens.shape[0] - self.num_decode
 
-    def extend_mask(self, i: int, window: int | None) -> torch.Tensor | None:
-        key = (i, window)
-        if key not in self._masks:
-            e = self.extends[i]
-            q = torch.arange(e.ctx_len - e.q_len, e.ctx_len, device=e.slots.device)[:, None]
-            j = torch.arange(e.ctx_len, device=e.slots.device)[None, :]
-            mask = j <= q
-            if window is not None:
-                mask &= j > q - window
-            self._masks[key] = mask[None]
-        return self._masks[key]
+    def host(self, name: str) -> list[int]:
+        """Host copies for the CPU reference path (never used under a CUDA graph)."""
+        if name not in self._cache:
+            self._cache[name] = getattr(self, name).tolist()
+        return self._cache[name]
+
+    def memo(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
 
 def build_metadata(
@@ -63,44 +49,32 @@ def build_metadata(
     lens: list[int],
     block_size: int,
     device: torch.device,
+    num_splits: int = 1,
 ) -> AttentionMetadata:
     """`starts[i]` tokens of sequence i are already cached; `lens[i]` new ones follow.
-
-    Sequences with one new token must come before the others.
-    """
+    Sequences with one new token must come before the others."""
     n = len(lens)
     num_decode = 0
     while num_decode < n and lens[num_decode] == 1:
         num_decode += 1
     assert all(length > 1 for length in lens[num_decode:]), "decode rows must come first"
-    positions = torch.cat([torch.arange(s, s + m) for s, m in zip(starts, lens)]) if n else torch.empty(0, dtype=torch.long)
-    max_blocks = max((len(t) for t in block_tables), default=0)
-    table = torch.zeros((n, max(max_blocks, 1)), dtype=torch.long)
-    for i, t in enumerate(block_tables):
-        table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-    seq_index = torch.repeat_interleave(torch.arange(n), torch.tensor(lens, dtype=torch.long))
-    slot_mapping = table[seq_index, positions // block_size] * block_size + positions % block_size
-
-    offsets = torch.arange(block_size)
-    ctx = [s + m for s, m in zip(starts, lens)]
-    if num_decode:
-        n_keys = max(ctx[:num_decode])
-        d_table = table[:num_decode, : -(-n_keys // block_size)]
-        decode_slots = (d_table[:, :, None] * block_size + offsets).reshape(num_decode, -1)[:, :n_keys]
-    else:
-        decode_slots = torch.zeros((0, 1), dtype=torch.long)
-    extends = []
-    q_start = num_decode
-    for i in range(num_decode, n):
-        nb = -(-ctx[i] // block_size)
-        slots = (table[i, :nb, None] * block_size + offsets).reshape(-1)[: ctx[i]]
-        extends.append(ExtendSeq(q_start, lens[i], ctx[i], slots.to(device)))
-        q_start += lens[i]
+    positions = [p for s, m in zip(starts, lens) for p in range(s, s + m)]
+    max_blocks = max((len(t) for t in block_tables), default=1) or 1
+    table = [t + [0] * (max_blocks - len(t)) for t in block_tables]
+    slots = [table[i][p // block_size] * block_size + p % block_size
+             for i, (s, m) in enumerate(zip(starts, lens)) for p in range(s, s + m)]
+    cu = [0]
+    for m in lens[num_decode:]:
+        cu.append(cu[-1] + m)
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
     return AttentionMetadata(
-        slot_mapping=slot_mapping.to(device),
-        positions=positions.to(device),
+        slot_mapping=torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True),
+        positions=torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True),
+        block_tables=as_tensor(table if table else [[0]]),
+        seq_lens=as_tensor([s + m for s, m in zip(starts, lens)]),
         num_decode=num_decode,
-        decode_slots=decode_slots.to(device),
-        decode_ctx_lens=torch.tensor(ctx[:num_decode], dtype=torch.long, device=device),
-        extends=extends,
+        cu_q=as_tensor(cu),
+        max_q_len=max(lens[num_decode:], default=0),
+        page_size=block_size,
+        num_splits=num_splits,
     )

@@ -21,26 +21,61 @@ def paged_attention(
     scale: float,
     window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of the step's queries `[T, heads, d]` over each sequence's cached K/V."""
+    """Causal attention of the step's queries `[T, heads, d]` over each sequence's cached K/V.
+    The CPU path: decode rows batched in one SDPA call, each extend sequence in its own."""
     out = torch.empty_like(q)
     k_flat = k_cache.view(-1, *k_cache.shape[2:])
     v_flat = v_cache.view(-1, *v_cache.shape[2:])
     gqa = q.shape[1] != k_cache.shape[2]
     nd = meta.num_decode
     if nd:
-        k = k_flat[meta.decode_slots].transpose(1, 2)
-        v = v_flat[meta.decode_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            q[:nd, :, None, :], k, v, attn_mask=meta.decode_mask(window), scale=scale, enable_gqa=gqa
-        )
+        slots = meta.memo("decode_slots", lambda: _decode_slots(meta))
+        k = k_flat[slots].transpose(1, 2)
+        v = v_flat[slots].transpose(1, 2)
+        mask = meta.memo(("decode_mask", window), lambda: _decode_mask(meta, slots.shape[1], window))
+        o = F.scaled_dot_product_attention(q[:nd, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[:nd] = o[:, :, 0, :]
-    for i, e in enumerate(meta.extends):
-        k = k_flat[e.slots].transpose(0, 1)[None]
-        v = v_flat[e.slots].transpose(0, 1)[None]
-        qs = q[e.q_start : e.q_start + e.q_len].transpose(0, 1)[None]
-        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=meta.extend_mask(i, window), scale=scale, enable_gqa=gqa)
-        out[e.q_start : e.q_start + e.q_len] = o[0].transpose(0, 1)
+    cu, lens = meta.host("cu_q"), meta.host("seq_lens")
+    for i in range(meta.num_extend):
+        a, b, ctx = nd + cu[i], nd + cu[i + 1], lens[nd + i]
+        slots = meta.memo(("extend_slots", i), lambda: _slots(meta.block_tables[nd + i], ctx, meta.page_size))
+        k = k_flat[slots].transpose(0, 1)[None]
+        v = v_flat[slots].transpose(0, 1)[None]
+        mask = meta.memo(("extend_mask", i, window), lambda: _causal_mask(ctx, b - a, window, q.device))
+        o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[a:b] = o[0].transpose(0, 1)
     return out
+
+
+def _slots(block_table: torch.Tensor, length: int, page: int) -> torch.Tensor:
+    pos = torch.arange(length, device=block_table.device)
+    return block_table[pos // page].long() * page + pos % page
+
+
+def _decode_slots(meta: AttentionMetadata) -> torch.Tensor:
+    nd = meta.num_decode
+    n_keys = max(meta.host("seq_lens")[:nd])
+    pos = torch.arange(n_keys, device=meta.block_tables.device)
+    table = meta.block_tables[:nd, : -(-n_keys // meta.page_size)].long()
+    return table[:, pos // meta.page_size] * meta.page_size + pos % meta.page_size
+
+
+def _decode_mask(meta: AttentionMetadata, n_keys: int, window: int | None) -> torch.Tensor:
+    j = torch.arange(n_keys, device=meta.seq_lens.device)
+    q = (meta.seq_lens[: meta.num_decode].long() - 1)[:, None]
+    mask = j[None, :] <= q
+    if window is not None:
+        mask &= j[None, :] > q - window
+    return mask[:, None, None, :]
+
+
+def _causal_mask(ctx: int, q_len: int, window: int | None, device) -> torch.Tensor:
+    q = torch.arange(ctx - q_len, ctx, device=device)[:, None]
+    j = torch.arange(ctx, device=device)[None, :]
+    mask = j <= q
+    if window is not None:
+        mask &= j > q - window
+    return mask[None]
 
 
 def _gather_keys(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

@@ -93,7 +93,7 @@ def num_splits_for(batch: int, kv_heads: int, max_len: int, sms: int = 132) -> i
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, scale: float, window: int | None = None, num_splits: int = 1,
-    kv_pos: torch.Tensor | None = None, out: torch.Tensor | None = None,
+    kv_pos: torch.Tensor | None = None, out: torch.Tensor | None = None, config: tuple | None = None,
 ) -> torch.Tensor:
     """q `[B, heads, d]`; one query per sequence at position `seq_lens - 1`."""
     b, heads, d = q.shape
@@ -103,14 +103,15 @@ def decode_attention(
     out = torch.empty_like(q) if out is None else out
     if b == 0:
         return out
+    block_n, warps, stages = config or ((32 if d > 128 else 64), 4, 2)
     part = torch.empty((b, heads, num_splits, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((b, heads, num_splits), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(b, kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, kv_pos if kv_pos is not None else seq_lens, part, lse,
         q.stride(0), q.stride(1), block_tables.stride(0), scale, window or 0,
         KV_HEADS=kv_heads, GROUP=group, D=d, PAGE=page, SPLITS=num_splits,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=32 if d > 128 else 64,
-        HAS_WINDOW=window is not None, HAS_POS=kv_pos is not None, num_warps=4, num_stages=2,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        HAS_WINDOW=window is not None, HAS_POS=kv_pos is not None, num_warps=warps, num_stages=stages,
     )
     _decode_combine_kernel[(b, heads)](part, lse, out, out.stride(0), out.stride(1), HEADS=heads, D=d,
                                        SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits))

@@ -71,7 +71,7 @@ def _extend_kernel(
 def extend_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     cu_q: torch.Tensor, seq_lens: torch.Tensor, max_q_len: int, scale: float, window: int | None = None,
-    kv_pos: torch.Tensor | None = None, out: torch.Tensor | None = None,
+    kv_pos: torch.Tensor | None = None, out: torch.Tensor | None = None, config: tuple | None = None,
 ) -> torch.Tensor:
     """q `[T, heads, d]` holds sequence i's new tokens at rows `cu_q[i]:cu_q[i+1]`, the last
     `cu_q[i+1] - cu_q[i]` of its `seq_lens[i]` tokens."""
@@ -83,14 +83,17 @@ def extend_attention(
         return out
     block_m = 16 if max_q_len <= 16 else (64 if d <= 128 else 32)
     block_n = 64 if d <= 128 else 32
+    warps, stages = (8 if block_m >= 128 else 4), (3 if q.is_cuda else 1)
     if q.is_cuda and d <= 128 and max_q_len > 64:
-        block_m = 128
+        block_m, warps = 128, 8
+    if config is not None:
+        block_m, block_n, warps, stages = config
     grid = (n_seqs, heads, triton.cdiv(max_q_len, block_m))
     _extend_kernel[grid](
         q, out, k_cache, v_cache, block_tables, cu_q, seq_lens, kv_pos if kv_pos is not None else seq_lens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale, window or 0,
         KV_HEADS=kv_heads, GROUP=heads // kv_heads, D=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_WINDOW=window is not None, HAS_POS=kv_pos is not None,
-        num_warps=8 if block_m >= 128 else 4, num_stages=3 if q.is_cuda else 1,
+        num_warps=warps, num_stages=stages,
     )
     return out

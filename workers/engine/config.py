@@ -15,6 +15,8 @@ class ModelConfig:
     block_size: int = 16
     kv_cache_mb: float = 512.0
     max_model_len: int | None = None
+    cuda_graphs: bool = True
+    max_graph_batch: int = 256
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

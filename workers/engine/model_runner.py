@@ -5,6 +5,7 @@ import torch
 
 import kernels
 from workers.engine.config import ModelConfig
+from workers.engine.cuda_graph import DecodeGraphs
 from workers.engine.scheduler import ScheduledSeq
 from workers.models import LoadedModel
 from workers.models.decoder import ForwardBatch
@@ -26,29 +27,43 @@ class ModelRunner:
         self.num_blocks = max(1, int(config.kv_cache_mb * 2**20) // self.block_bytes)
         shape = (2, spec.num_layers, self.num_blocks, self.block_size, spec.num_kv_heads, spec.head_dim)
         self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k_caches, self.v_caches = list(self.kv[0]), list(self.kv[1])
         self.rope = {}
         for layer_type, (inv_freq, scale) in spec.rope.items():
             cos, sin = rope_cache(inv_freq, scale, self.max_model_len)
             self.rope[layer_type] = (cos.to(self.device, self.dtype), sin.to(self.device, self.dtype))
+        self.graphs = DecodeGraphs(self) if self.device.type == "cuda" and config.cuda_graphs else None
 
     @property
     def kv_cache_bytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
+    def forward_batch(self, meta: kernels.AttentionMetadata) -> ForwardBatch:
+        return ForwardBatch(meta, self.k_caches, self.v_caches, self.rope)
+
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq], sample_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward the batch's new tokens; return the last hidden state and logits of `sample_rows`."""
-        ids = [t for s in batch for t in s.seq.token_ids[s.start : s.start + s.num_new]]
-        meta = kernels.build_metadata(
-            [s.seq.block_table for s in batch], [s.start for s in batch], [s.num_new for s in batch],
-            self.block_size, self.device,
-        )
-        rope = {t: (cos[meta.positions], sin[meta.positions]) for t, (cos, sin) in self.rope.items()}
-        fb = ForwardBatch(meta, list(self.kv[0]), list(self.kv[1]), rope)
-        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=self.device), fb)
+        if self.graphs is not None and all(s.num_new == 1 for s in batch) and self.graphs.fits(len(batch)):
+            hidden = self.graphs.run(batch)
+        else:
+            ids = [t for s in batch for t in s.seq.token_ids[s.start : s.start + s.num_new]]
+            meta = kernels.build_metadata(
+                [s.seq.block_table for s in batch], [s.start for s in batch], [s.num_new for s in batch],
+                self.block_size, self.device, self.num_splits(len(batch)),
+            )
+            hidden = self.model(torch.tensor(ids, dtype=torch.long).to(self.device), self.forward_batch(meta))
         last = torch.tensor([s.num_new for s in batch]).cumsum(0) - 1
         rows = hidden[last[torch.tensor(sample_rows, dtype=torch.long)].to(self.device)]
         return rows, self.model.logits(rows)
+
+    def num_splits(self, batch: int) -> int:
+        if self.device.type != "cuda":
+            return 1
+        from kernels.triton_decode import num_splits_for
+
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        return num_splits_for(batch, self.spec.num_kv_heads, self.max_model_len, sms)
 
     @torch.inference_mode()
     def read_kv(self, slots: torch.Tensor, layers: range) -> tuple[torch.Tensor, torch.Tensor]:

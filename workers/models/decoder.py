@@ -14,12 +14,20 @@ from workers.models.spec import ModelSpec
 
 @dataclass
 class ForwardBatch:
-    """One step's inputs beside the token ids: where K/V go and how attention reads them."""
+    """One step's inputs beside the token ids: where K/V go, how attention reads them, RoPE tables."""
 
     meta: AttentionMetadata
     k_caches: list[torch.Tensor]
     v_caches: list[torch.Tensor]
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    def rotate(self, layer_type: str, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rope[layer_type]
+        pos = self.meta.positions
+        if q.is_cuda:
+            return kernels.rotary_(q, cos, sin, pos), kernels.rotary_(k, cos, sin, pos)
+        cos, sin = self.meta.memo(("rope", layer_type), lambda: (cos[pos], sin[pos]))
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 class Attention(nn.Module):
@@ -47,16 +55,17 @@ class Attention(nn.Module):
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = batch.rope[self.layer_type]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
+        q, k = batch.rotate(self.layer_type, q, k)
         k_cache, v_cache = batch.k_caches[self.layer], batch.v_caches[self.layer]
-        kernels.store_kv(k_cache, v_cache, k, v.contiguous(), batch.meta.slot_mapping)
+        kernels.store_kv(k_cache, v_cache, k, v, batch.meta.slot_mapping)
         o = kernels.paged_attention(q, k_cache, v_cache, batch.meta, self.scale, self.window)
         return self.o_proj(o.reshape(t, self.q_size))
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm layer; Gemma's is a sandwich (norms after attention and MLP too)."""
+
     def __init__(self, spec: ModelSpec, layer: int):
         super().__init__()
         eps, gemma = spec.rms_norm_eps, spec.gemma_norms
@@ -69,13 +78,16 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, eps, gemma)
         self.sandwich = gemma
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), batch)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch):
+        """Returns `(h, residual)`: the layer's output is `h + residual`, summed by the next norm."""
         if self.sandwich:
-            x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+            h = self.self_attn(self.input_layernorm(x, residual)[0], batch)
+            h, x = self.pre_feedforward_layernorm(self.post_attention_layernorm(h)[0], residual if residual is not None else x)
+            return self.post_feedforward_layernorm(self.mlp(h))[0], x
+        h, residual = self.input_layernorm(x, residual) if residual is not None else (self.input_layernorm(x)[0], x)
+        h = self.self_attn(h, batch)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -90,9 +102,10 @@ class DecoderModel(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.embed_scale is not None:
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, batch)
-        return self.norm(x)
+            x, residual = layer(x, residual, batch)
+        return self.norm(x, residual)[0]
 
 
 class CausalLM(nn.Module):

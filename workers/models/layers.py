@@ -5,9 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+
 
 class RMSNorm(nn.Module):
-    """Llama-style `w * norm(x)` or, with `offset`, Gemma-style `(1 + w) * norm(x)` computed in fp32."""
+    """Llama-style `w * norm(x)` or, with `offset`, Gemma-style `(1 + w) * norm(x)` computed in fp32.
+    With a residual: adds x into it in place and returns `(norm(residual), residual)`."""
 
     def __init__(self, dim: int, eps: float, offset: bool = False):
         super().__init__()
@@ -15,12 +18,8 @@ class RMSNorm(nn.Module):
         self.offset = offset
         self.weight = nn.Parameter(torch.ones(dim) if not offset else torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:
-            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels.add_rmsnorm(x, residual, self.weight, self.eps, self.offset)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
