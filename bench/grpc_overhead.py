@@ -1,0 +1,147 @@
+"""gRPC overhead: the same generation through orchestrator + worker over loopback beside the engine called
+in process, in one run, at 1 and 64 concurrent streams. Prints one JSON object.
+
+    python bench/grpc_overhead.py [--model PATH] [--streams 1,64] [--max-tokens 64] [--reps 3]
+
+Default model: a tiny random Qwen2 (tests/tiny.py), so it runs anywhere and the engine's step is short,
+which makes the gRPC path's cost visible. Both sides: same engine config, same prompts (token ids),
+greedy, ignore_eos, every stream `max_tokens` tokens, one engine thread.
+
+- in process: `Engine.add_request` x N, then `step()` until done (one StepOutput per request per step);
+- over gRPC: N concurrent `Generate` streams from one asyncio client (tandem.AsyncClient) to one
+  orchestrator process, which streams from one worker process (one message per request per step).
+
+Figures: `added_ms_per_message` = (gRPC wall - in-process wall) / messages per stream (the extra time a
+stream waits per streamed message); `messages_per_s` = messages delivered through the orchestrator per
+second of wall time (bounded by the engine's step rate, which the in-process figure shows);
+`orchestrator_cpu_s_per_message` = the orchestrator's CPU time per message (its capacity: 1 / that; null
+when the run used under 50 ms of CPU, below /proc's 10 ms tick resolution).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def prompts(n: int, rep: int, length: int = 16, vocab: int = 300) -> list[list[int]]:
+    """Distinct prompts per stream and repetition (no prefix-cache hits between them)."""
+    return [[3 + (rep * 7919 + i * 131 + j * 17) % (vocab - 3) for j in range(length)] for i in range(n)]
+
+
+def in_process(engine, n: int, rep: int, max_tokens: int) -> dict:
+    from workers.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts(n, rep)):
+        engine.add_request(f"r{rep}-{i}", p, params)
+    messages = steps = 0
+    while engine.has_unfinished:
+        outs = engine.step()
+        messages += sum(1 for o in outs if o.new_token_ids or o.finished)
+        steps += 1
+    return {"wall_s": time.perf_counter() - t0, "messages": messages, "steps": steps}
+
+
+async def over_grpc(address: str, n: int, rep: int, max_tokens: int) -> dict:
+    from tandem import AsyncClient
+
+    async with AsyncClient(address, timeout=600) as client:
+        async def one(p: list[int]) -> tuple[int, int]:
+            stream = await client.generate(token_ids=p, max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                           stream=True)
+            count = 0
+            async for _ in stream:
+                count += 1
+            return count + 1, len(stream.result.token_ids)  # chunks + the final message
+
+        t0 = time.perf_counter()
+        got = await asyncio.gather(*(one(p) for p in prompts(n, rep)))
+        wall = time.perf_counter() - t0
+    assert all(tokens == max_tokens for _, tokens in got), got
+    return {"wall_s": wall, "messages": sum(m for m, _ in got)}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="model directory (default: a tiny random qwen2)")
+    ap.add_argument("--streams", default="1,64")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dtype", default="float32")
+    args = ap.parse_args()
+
+    import torch
+
+    from orchestrator.config import parse
+    from orchestrator.launch import launch
+    from workers.engine import Engine, EngineConfig, ModelConfig
+
+    torch.set_num_threads(1)
+    tmp = tempfile.TemporaryDirectory()
+    if args.model is None:
+        from tiny import make_tiny
+
+        path, name = str(make_tiny("qwen2", Path(tmp.name))), "tiny-qwen2 (random, 3 layers, hidden 64)"
+    else:
+        path, name = args.model, args.model
+    streams = [int(s) for s in args.streams.split(",")]
+    model = dict(name="m", path=path, dtype=args.dtype, kv_cache_mb=64, block_size=16)
+    engine = Engine(EngineConfig([ModelConfig(**model)], max_num_seqs=max(streams)))
+    config = parse({"server": {"max_in_flight": 1024, "drain_grace_s": 5}, "models": [model],
+                    "workers": [{"models": ["m"], "threads": 1, "max_num_seqs": max(streams)}]})
+    results = []
+    with launch(config, timeout=300) as server:
+        for n in streams:
+            asyncio.run(over_grpc(server.address, n, -1, 4))  # warm-up both paths
+            in_process(engine, n, -1, 4)
+            base, grpc_runs, cpu = [], [], []
+            for rep in range(args.reps):
+                base.append(in_process(engine, n, rep, args.max_tokens))
+                c0 = cpu_seconds(server.pid)
+                grpc_runs.append(asyncio.run(over_grpc(server.address, n, 1000 + rep, args.max_tokens)))
+                cpu.append(cpu_seconds(server.pid) - c0)
+            b = statistics.median(r["wall_s"] for r in base)
+            g = statistics.median(r["wall_s"] for r in grpc_runs)
+            msgs = grpc_runs[0]["messages"]
+            per_stream = msgs / n
+            results.append({
+                "streams": n, "max_tokens": args.max_tokens,
+                "in_process_wall_s": round(b, 4), "grpc_wall_s": round(g, 4), "ratio": round(g / b, 3),
+                "messages": msgs, "in_process_messages": base[0]["messages"],
+                "added_ms_per_message": round((g - b) / per_stream * 1e3, 4),
+                "in_process_ms_per_step": round(b / base[0]["steps"] * 1e3, 4),
+                "messages_per_s": round(msgs / g, 1),
+                "in_process_messages_per_s": round(base[0]["messages"] / b, 1),
+                "orchestrator_cpu_s_per_message": round(statistics.median(cpu) / msgs, 7),
+                "orchestrator_capacity_messages_per_s": (round(msgs / statistics.median(cpu), 1)
+                                                         if statistics.median(cpu) >= 0.05 else None),
+            })
+    print(json.dumps({
+        "benchmark": "grpc_overhead", "model": name, "reps": args.reps, "torch_threads": 1,
+        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version(), "torch": torch.__version__},
+        "note": "client, orchestrator, worker and the in-process engine share this machine's cores",
+        "results": results,
+    }, indent=2))
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
