@@ -77,7 +77,7 @@ def generate(
 
 @app.command()
 def demo() -> None:
-    """The main job: install the default model if missing, then a streamed three-turn chat."""
+    """The main job: install the default model if missing, start the server, run a scripted SDK session, stop it."""
     from tandem.demo import run
 
     try:
