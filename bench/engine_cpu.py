@@ -42,6 +42,7 @@ def prompts(tokenizer, batch: int) -> list[list[int]]:
 def run_ours(path: str, dtype: str, batch: int, new_tokens: int, kv_mb: float) -> dict:
     from workers.engine import Engine, EngineConfig, ModelConfig, SamplingParams
 
+    baseline = _rss_now()
     engine = Engine(EngineConfig([ModelConfig("m", path, dtype=dtype, kv_cache_mb=kv_mb)], max_num_seqs=max(64, batch)))
     ps = prompts(engine.model().tokenizer, batch)
     engine.generate(ps[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
@@ -49,9 +50,15 @@ def run_ours(path: str, dtype: str, batch: int, new_tokens: int, kv_mb: float) -
     t0 = time.perf_counter()
     outs = engine.generate(ps, params)
     elapsed = time.perf_counter() - t0
-    weights = sum(p.numel() * p.element_size() for p in engine.model().runner.model.parameters())
+    weights = engine.model().runner.weight_bytes
     return {"tokens": sum(len(o.token_ids) for o in outs), "seconds": elapsed,
-            "weights_bytes": weights, "kv_bytes": engine.model().runner.kv_cache_bytes, "first_tokens": outs[0].token_ids[:16]}
+            "weights_bytes": weights, "kv_bytes": engine.model().runner.kv_cache_bytes, "first_tokens": outs[0].token_ids[:16],
+            "baseline_rss_bytes": baseline}
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def run_hf(path: str, dtype: str, batch: int, new_tokens: int) -> dict:
@@ -136,6 +143,8 @@ def main() -> None:
                 "transformers_peak_rss_gb": round(hf["peak_rss_bytes"] / 2**30, 2),
                 "weights_plus_kv_gb": round(budget / 2**30, 2),
                 "peak_over_budget": round(ours["peak_rss_bytes"] / budget, 2),
+                "tandem_runtime_baseline_gb": round(ours["baseline_rss_bytes"] / 2**30, 2),
+                "engine_peak_over_budget": round((ours["peak_rss_bytes"] - ours["baseline_rss_bytes"]) / budget, 2),
                 "same_first_16_tokens": hf["first_tokens"] == ours["first_tokens"],
             })
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

@@ -26,6 +26,7 @@ from kernels.triton_extend import extend_attention  # noqa: E402
 
 PAGE = 16
 DT = torch.bfloat16
+SWEEP = "--no-sweep" not in sys.argv
 
 
 def paged(batch, ctx, kv, d):
@@ -52,7 +53,7 @@ def bench_decode(batch, ctx, heads, kv, d, sms):
     splits = num_splits_for(batch, kv, ctx, sms)
     default_ms = do_bench(lambda: decode_attention(q, k, v, tables, lens, d**-0.5, num_splits=splits))
     best = (default_ms, "default", splits)
-    for s in sorted({1, 2, 4, 8, 16, 32, splits}):
+    for s in sorted({1, 2, 4, 8, 16, 32, 64, 128, splits}) if SWEEP else ():
         for cfg in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 8, 2), (64, 8, 3)]:
             if d > 128 and cfg[0] > 64:
                 continue
@@ -79,7 +80,7 @@ def bench_prefill(seq, heads, kv, d):
     flops = 4 * seq * seq * heads * d / 2
     default_ms = do_bench(lambda: extend_attention(q, k, v, tables, cu, lens, seq, d**-0.5))
     best = (default_ms, "default")
-    for cfg in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3),
+    for cfg in [] if not SWEEP else [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3),
                 (128, 64, 8, 4)]:
         try:
             ms = do_bench(lambda: extend_attention(q, k, v, tables, cu, lens, seq, d**-0.5, config=cfg))
@@ -108,6 +109,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-sweep", action="store_true", help="time the default launch configuration only")
     args = ap.parse_args()
     import triton
 

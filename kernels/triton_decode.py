@@ -13,6 +13,7 @@ def _decode_split_kernel(
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_POS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -42,7 +43,7 @@ def _decode_split_kernel(
         page = tl.load(bt_ptr + b * stride_bt + n // PAGE, mask=n_mask, other=0).to(tl.int64)
         slot = page * PAGE + n % PAGE
         k = tl.load(kc_ptr + slot[:, None] * row + kvh * D + d[None, :], mask=n_mask[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
         valid = n_mask
         if HAS_POS:
             k_pos = tl.load(pos_ptr + slot, mask=n_mask, other=0)
@@ -55,7 +56,7 @@ def _decode_split_kernel(
         p = tl.exp(qk - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         v = tl.load(vc_ptr + slot[:, None] * row + kvh * D + d[None, :], mask=n_mask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
@@ -85,9 +86,11 @@ def _decode_combine_kernel(part_ptr, lse_ptr, o_ptr, stride_ob, stride_oh, HEADS
 
 
 def num_splits_for(batch: int, kv_heads: int, max_len: int, sms: int = 132) -> int:
-    """Enough programs to fill the GPU, never splits shorter than 256 tokens."""
-    want = max(1, (2 * sms) // max(1, batch * kv_heads))
-    return int(min(want, max(1, triton.cdiv(max_len, 256)), 64))
+    """A power of two near four programs per SM, at most 32, splits of at least 128 tokens (measured
+    best on an H100 for 14/2x64 and 32/8x128 heads, batch 1-64, context 512-32k). Each sequence sizes
+    its splits to its own length, so a count chosen for `max_len` also serves shorter ones."""
+    want = min((4 * sms) // max(1, batch * kv_heads), 32, max(1, max_len // 128))
+    return 1 << max(0, int(want).bit_length() - 1)
 
 
 def decode_attention(
@@ -111,8 +114,13 @@ def decode_attention(
         q.stride(0), q.stride(1), block_tables.stride(0), scale, window or 0,
         KV_HEADS=kv_heads, GROUP=group, D=d, PAGE=page, SPLITS=num_splits,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        HAS_WINDOW=window is not None, HAS_POS=kv_pos is not None, num_warps=warps, num_stages=stages,
+        HAS_WINDOW=window is not None, HAS_POS=kv_pos is not None, PRECISION=_precision(q), num_warps=warps, num_stages=stages,
     )
     _decode_combine_kernel[(b, heads)](part, lse, out, out.stride(0), out.stride(1), HEADS=heads, D=d,
                                        SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits))
     return out
+
+
+def _precision(q: torch.Tensor) -> str:
+    """fp32 inputs get full-precision dots (the default would be TF32 on the GPU)."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"

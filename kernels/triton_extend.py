@@ -13,6 +13,7 @@ def _extend_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, scale, window,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_POS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     s = tl.program_id(0)
     h = tl.program_id(1)
@@ -47,7 +48,7 @@ def _extend_kernel(
         page = tl.load(bt_ptr + s * stride_bt + n // PAGE, mask=n_mask, other=0).to(tl.int64)
         slot = page * PAGE + n % PAGE
         k = tl.load(kc_ptr + slot[:, None] * row + kvh * D + d[None, :], mask=n_mask[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
         k_pos = n
         if HAS_POS:
             k_pos = tl.load(pos_ptr + slot, mask=n_mask, other=0)
@@ -60,7 +61,7 @@ def _extend_kernel(
         p = tl.exp(qk - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         v = tl.load(vc_ptr + slot[:, None] * row + kvh * D + d[None, :], mask=n_mask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -93,7 +94,12 @@ def extend_attention(
         q, out, k_cache, v_cache, block_tables, cu_q, seq_lens, kv_pos if kv_pos is not None else seq_lens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale, window or 0,
         KV_HEADS=kv_heads, GROUP=heads // kv_heads, D=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_WINDOW=window is not None, HAS_POS=kv_pos is not None,
+        HAS_WINDOW=window is not None, HAS_POS=kv_pos is not None, PRECISION=_precision(q),
         num_warps=warps, num_stages=stages,
     )
     return out
+
+
+def _precision(q: torch.Tensor) -> str:
+    """fp32 inputs get full-precision dots (the default would be TF32 on the GPU)."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"

@@ -44,13 +44,14 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _hashes(self, seq: Sequence, num_full: int) -> list[int]:
-        hashes, h = [], hash(("tandem", seq.cache_salt))
-        for i in range(num_full):
-            chunk = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
-            h = hash((h, chunk))
-            hashes.append(h)
-        return hashes
+    def _chunk(self, seq: Sequence, i: int) -> tuple[int, ...]:
+        return tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+
+    def _chain(self, seq: Sequence, num_blocks: int) -> int:
+        h = hash(("tandem", seq.cache_salt))
+        for i in range(num_blocks):
+            h = hash((h, self._chunk(seq, i)))
+        return h
 
     def match_prefix(self, seq: Sequence) -> None:
         """For a sequence with no blocks yet: reuse cached blocks of its longest cached prefix.
@@ -60,17 +61,20 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = (seq.num_tokens - 1) // self.block_size
-        for i, h in enumerate(self._hashes(seq, num_full)):
-            block_id = self.cached.get(h)
-            if block_id is None:
+        h = self._chain(seq, 0)
+        for i in range(num_full):
+            chunk = self._chunk(seq, i)
+            h_next = hash((h, chunk))
+            block_id = self.cached.get(h_next)
+            if block_id is None or self.blocks[block_id].token_ids != chunk:
                 break
             block = self.blocks[block_id]
-            if block.token_ids != tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size]):
-                break
             if block.ref_count == 0:
                 del self.free[block_id]
             block.ref_count += 1
             seq.block_table.append(block_id)
+            h = h_next
+        seq.num_committed_blocks, seq.block_hash = len(seq.block_table), h
         seq.num_computed = len(seq.block_table) * self.block_size
         seq.num_cached_tokens = seq.num_computed
         self.hit_tokens += seq.num_computed
@@ -95,27 +99,33 @@ class BlockManager:
         return block_id
 
     def commit(self, seq: Sequence) -> None:
-        """Register the sequence's computed full blocks in the prefix cache."""
+        """Register the sequence's newly computed full blocks in the prefix cache (incremental:
+        each block is hashed once, chained on the hash of the blocks before it)."""
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed, seq.num_tokens) // self.block_size
-        hashes = None
-        for i in range(num_full):
+        if num_full <= seq.num_committed_blocks:
+            return
+        h = seq.block_hash if seq.block_hash is not None else self._chain(seq, seq.num_committed_blocks)
+        for i in range(seq.num_committed_blocks, num_full):
+            chunk = self._chunk(seq, i)
+            h = hash((h, chunk))
             block = self.blocks[seq.block_table[i]]
-            if block.hash is not None:
-                continue
-            hashes = hashes or self._hashes(seq, num_full)
-            block.hash = hashes[i]
-            block.token_ids = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
-            self.cached.setdefault(block.hash, block.block_id)
+            if block.hash is None:
+                block.hash, block.token_ids = h, chunk
+                self.cached.setdefault(h, block.block_id)
+        seq.num_committed_blocks, seq.block_hash = num_full, h
 
     def invalidate_from(self, seq: Sequence, token_index: int) -> None:
         """KV from `token_index` on was overwritten: its blocks may no longer serve as cached prefixes."""
-        for block_id in seq.block_table[token_index // self.block_size :]:
+        first = token_index // self.block_size
+        for block_id in seq.block_table[first:]:
             block = self.blocks[block_id]
             if block.hash is not None and self.cached.get(block.hash) == block_id:
                 del self.cached[block.hash]
             block.hash, block.token_ids = None, ()
+        if seq.num_committed_blocks > first:
+            seq.num_committed_blocks, seq.block_hash = first, None
 
     def release(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):
@@ -126,6 +136,7 @@ class BlockManager:
                 self.free[block_id] = None
         seq.block_table = []
         seq.num_computed = 0
+        seq.num_committed_blocks, seq.block_hash = 0, None
 
     def slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

@@ -16,6 +16,7 @@ class ModelConfig:
     kv_cache_mb: float = 512.0
     max_model_len: int | None = None
     cuda_graphs: bool = True
+    cpu_packed_linear: bool = True
     max_graph_batch: int = 256
 
     def __post_init__(self) -> None:

@@ -35,6 +35,7 @@ class DecodeGraphs:
         self.pool = None
         self._table = torch.zeros((n, self.max_blocks), dtype=torch.int32, pin_memory=True)
         self._host = torch.zeros((4, n), dtype=torch.long, pin_memory=True)
+        self._rows: list[tuple[list | None, int]] = [(None, 0)] * n  # block-table list last written per row
         for b in reversed(self.buckets):
             self._capture(b)
 
@@ -67,7 +68,7 @@ class DecodeGraphs:
         b = next(x for x in self.buckets if x >= n)
         bs = self.runner.block_size
         ids, pos, slots, lens = [], [], [], []
-        self._table[:b].zero_()
+        table_np = self._table.numpy()
         for i, s in enumerate(batch):
             p = s.start
             ids.append(s.seq.token_ids[p])
@@ -75,7 +76,12 @@ class DecodeGraphs:
             table = s.seq.block_table
             slots.append(table[p // bs] * bs + p % bs)
             lens.append(p + 1)
-            self._table[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+            owner, written = self._rows[i]
+            if owner is not table:
+                written = 0
+            if written < len(table):
+                table_np[i, written : len(table)] = table[written:]
+                self._rows[i] = (table, len(table))
         pad = b - n
         self._host[:, :b] = torch.tensor([ids + [0] * pad, pos + [0] * pad, slots + [-1] * pad, lens + [0] * pad])
         self.input_ids[:b].copy_(self._host[0, :b], non_blocking=True)

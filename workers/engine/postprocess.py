@@ -16,14 +16,15 @@ def append_token(seq: Sequence, token: int, source: str, logprob: dict | None, e
     if logprob is not None:
         seq.output_logprobs.append(logprob)
     p = seq.params
-    seq.text += seq.detokenizer.add(token)
+    if p.detokenize:
+        seq.text += seq.detokenizer.add(token)
     if token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
         seq.finish_reason = "stop"
     elif _cut_at_stop_string(seq):
         seq.finish_reason = "stop"
     elif seq.num_output >= p.max_tokens or seq.num_tokens >= seq.max_len:
         seq.finish_reason = "length"
-    if seq.finish_reason == "length":
+    if seq.finish_reason == "length" and p.detokenize:
         seq.text += seq.detokenizer.flush()
     out = StepOutput(seq.request_id, seq.model, [token], "", [source], [logprob] if logprob else [])
     if seq.finish_reason is not None:

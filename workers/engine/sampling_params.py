@@ -18,6 +18,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -36,6 +37,8 @@ class SamplingParams:
             raise InvalidRequestError("seed", f"must be a non-negative 64-bit integer, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop", "stop strings must be non-empty strings")
+        if self.stop and not self.detokenize:
+            raise InvalidRequestError("stop", "stop strings need detokenize=True")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
             raise InvalidRequestError("logprobs", f"must be between 0 and 20, got {self.logprobs!r}")
 

@@ -39,6 +39,8 @@ class Sequence:
     num_computed: int = 0
     num_cached_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    num_committed_blocks: int = 0
+    block_hash: int | None = None
     output_token_ids: list[int] = field(default_factory=list)
     output_sources: list[str] = field(default_factory=list)
     output_logprobs: list[dict] = field(default_factory=list)

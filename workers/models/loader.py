@@ -127,7 +127,36 @@ def _safetensors_items(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield from _read_safetensors(f)
 
 
-def _read_safetensors(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
+@dataclass
+class _FileTensor:
+    """A tensor still on disk; `read_into` reads it straight into its destination when the dtypes
+    match, so no second copy of the weights is ever in memory."""
+
+    fh: object
+    path: Path
+    name: str
+    offset: int
+    nbytes: int
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def read_into(self, dst: torch.Tensor) -> None:
+        if dst.shape != self.shape:
+            raise CheckpointError(f"{self.path}: tensor {self.name} has shape {tuple(self.shape)}, expected {tuple(dst.shape)}")
+        if dst.dtype == self.dtype and dst.is_contiguous() and dst.device.type == "cpu":
+            self._read(dst)
+        else:
+            tmp = torch.empty(self.shape, dtype=self.dtype)
+            self._read(tmp)
+            dst.copy_(tmp)
+
+    def _read(self, dst: torch.Tensor) -> None:
+        self.fh.seek(self.offset)
+        if self.nbytes and self.fh.readinto(memoryview(dst.view(-1).view(torch.uint8).numpy())) != self.nbytes:
+            raise CheckpointError(f"weights file {self.path} is corrupt or unreadable: tensor {self.name} is truncated")
+
+
+def _read_safetensors(f: Path) -> Iterator[tuple[str, _FileTensor]]:
     size = f.stat().st_size
     with open(f, "rb") as fh:
         try:
@@ -135,21 +164,28 @@ def _read_safetensors(f: Path) -> Iterator[tuple[str, torch.Tensor]]:
             if not 0 < n <= size - 8:
                 raise ValueError(f"header length {n} does not fit a {size}-byte file")
             header = json.loads(fh.read(n))
-            base = 8 + n
             entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+            tensors = []
             for name, info in entries:
                 begin, end = info["data_offsets"]
                 dtype = _ST_DTYPES[info["dtype"]]
-                tensor = torch.empty(info["shape"], dtype=dtype)
-                nbytes = tensor.numel() * tensor.element_size()
-                if end - begin != nbytes or base + end > size:
+                shape = torch.Size(info["shape"])
+                nbytes = shape.numel() * dtype.itemsize
+                if end - begin != nbytes or 8 + n + end > size:
                     raise ValueError(f"tensor {name} is truncated or inconsistent")
-                fh.seek(base + begin)
-                if nbytes and fh.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != nbytes:
-                    raise ValueError(f"tensor {name} is truncated")
-                yield name, tensor
+                tensors.append((name, _FileTensor(fh, f, name, 8 + n + begin, nbytes, shape, dtype)))
         except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"weights file {f} is corrupt or unreadable: {e}") from e
+        yield from tensors
+
+
+def _assign(dst: torch.Tensor, src, name: str, source: str) -> None:
+    if isinstance(src, _FileTensor):
+        src.read_into(dst)
+        return
+    if dst.shape != src.shape:
+        raise CheckpointError(f"{source}: tensor {name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+    dst.copy_(src)
 
 
 def _copy_weights(model: CausalLM, spec: ModelSpec, items: Iterator[tuple[str, torch.Tensor]], source: str) -> None:
@@ -176,9 +212,7 @@ def _copy_weights(model: CausalLM, spec: ModelSpec, items: Iterator[tuple[str, t
             target = params.get(name)
             if target is None:
                 raise CheckpointError(f"{source}: unexpected tensor {hf_name}")
-            if target.shape != tensor.shape:
-                raise CheckpointError(f"{source}: tensor {hf_name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
-            target.copy_(tensor)
+            _assign(target, tensor, hf_name, source)
             filled.add(name)
     expected = set()
     for name, p in params.items():
@@ -201,7 +235,4 @@ def _copy_shard(target, tensor, shard, spec: ModelSpec, kind: str, hf_name: str,
         offsets, sizes = [0, q, q + kv], [q, kv, kv]
     else:
         offsets, sizes = [0, spec.intermediate_size], [spec.intermediate_size] * 2
-    view = target.narrow(0, offsets[shard], sizes[shard])
-    if view.shape != tensor.shape:
-        raise CheckpointError(f"{source}: tensor {hf_name} has shape {tuple(tensor.shape)}, expected {tuple(view.shape)}")
-    view.copy_(tensor)
+    _assign(target.narrow(0, offsets[shard], sizes[shard]), tensor, hf_name, source)
