@@ -62,7 +62,6 @@ def bench_decode(batch, ctx, heads, kv, d, sms):
                 best = (ms, cfg, s)
     kc = k[tables.long()].reshape(batch, -1, kv, d)[:, :ctx].transpose(1, 2).contiguous()
     vc = v[tables.long()].reshape(batch, -1, kv, d)[:, :ctx].transpose(1, 2).contiguous()
-    del k, v
     sdpa_ms = do_bench(lambda: F.scaled_dot_product_attention(q[:, :, None], kc, vc, enable_gqa=True))
     out = {"batch": batch, "ctx": ctx, "heads": f"{heads}/{kv}x{d}", "splits_default": splits,
            "tandem_default_TBps": nbytes / default_ms / 1e9, "tandem_best_TBps": nbytes / best[0] / 1e9,

@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_tile import attend_tile
+
 
 @triton.jit
 def _decode_split_kernel(
@@ -36,29 +38,10 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
-    row = KV_HEADS * D
+    q_rows_pos = tl.full([BLOCK_H], 0, tl.int32) + q_pos
     for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = n < end
-        page = tl.load(bt_ptr + b * stride_bt + n // PAGE, mask=n_mask, other=0).to(tl.int64)
-        slot = page * PAGE + n % PAGE
-        k = tl.load(kc_ptr + slot[:, None] * row + kvh * D + d[None, :], mask=n_mask[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
-        valid = n_mask
-        if HAS_POS:
-            k_pos = tl.load(pos_ptr + slot, mask=n_mask, other=0)
-            valid = valid & (k_pos <= q_pos)
-            if HAS_WINDOW:
-                valid = valid & (k_pos > q_pos - window)
-        qk = tl.where(valid[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(qk - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        v = tl.load(vc_ptr + slot[:, None] * row + kvh * D + d[None, :], mask=n_mask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        m_i, l_i, acc = attend_tile(q, q_rows_pos, m_i, l_i, acc, n0, end, kc_ptr, vc_ptr, bt_ptr + b * stride_bt, pos_ptr,
+                                    kvh, scale, window, KV_HEADS, D, PAGE, BLOCK_N, HAS_WINDOW, HAS_POS, PRECISION)
 
     out_base = (b * KV_HEADS * GROUP + heads) * SPLITS + split
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -114,7 +97,8 @@ def decode_attention(
         q.stride(0), q.stride(1), block_tables.stride(0), scale, window or 0,
         KV_HEADS=kv_heads, GROUP=group, D=d, PAGE=page, SPLITS=num_splits,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        HAS_WINDOW=window is not None, HAS_POS=kv_pos is not None, PRECISION=_precision(q), num_warps=warps, num_stages=stages,
+        HAS_WINDOW=window is not None, HAS_POS=kv_pos is not None, PRECISION=_precision(q),
+        num_warps=warps, num_stages=stages,
     )
     _decode_combine_kernel[(b, heads)](part, lse, out, out.stride(0), out.stride(1), HEADS=heads, D=d,
                                        SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits))

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_tile import attend_tile
+
 
 @triton.jit
 def _extend_kernel(
@@ -41,29 +43,9 @@ def _extend_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    row = KV_HEADS * D
     for n0 in range(lo, hi, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = n < hi
-        page = tl.load(bt_ptr + s * stride_bt + n // PAGE, mask=n_mask, other=0).to(tl.int64)
-        slot = page * PAGE + n % PAGE
-        k = tl.load(kc_ptr + slot[:, None] * row + kvh * D + d[None, :], mask=n_mask[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
-        k_pos = n
-        if HAS_POS:
-            k_pos = tl.load(pos_ptr + slot, mask=n_mask, other=0)
-        valid = n_mask[None, :] & (k_pos[None, :] <= q_pos[:, None])
-        if HAS_WINDOW:
-            valid = valid & (k_pos[None, :] > q_pos[:, None] - window)
-        qk = tl.where(valid, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(qk - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        v = tl.load(vc_ptr + slot[:, None] * row + kvh * D + d[None, :], mask=n_mask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        m_i, l_i, acc = attend_tile(q, q_pos, m_i, l_i, acc, n0, hi, kc_ptr, vc_ptr, bt_ptr + s * stride_bt, pos_ptr,
+                                    kvh, scale, window, KV_HEADS, D, PAGE, BLOCK_N, HAS_WINDOW, HAS_POS, PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + (q_start + rows)[:, None].to(tl.int64) * stride_ot + h * stride_oh + d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=r_mask[:, None])

@@ -26,7 +26,7 @@ from tandem._client_types import (
 )
 from tandem.client_errors import ClientError, ServerError, UnavailableError, from_rpc_error
 
-__all__ = ["Client", "ChatSession", "GenerationStream", "GenerationResult", "Chunk", "AsyncClient"]
+__all__ = ["Client", "ChatSession", "GenerationStream", "GenerationResult", "Chunk"]
 
 
 def channel_options(max_message_mb: int) -> list[tuple[str, Any]]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 
 import grpc
@@ -138,7 +137,7 @@ def test_abort_ends_with_cancelled_and_is_idempotent(s):
     next(call)
     assert list(s.Abort(pb.AbortRequest(request_ids=["a1", "nope"])).aborted) == ["a1"]
     with pytest.raises(grpc.RpcError) as e:
-        rest = list(call)
+        list(call)
     assert e.value.code() == grpc.StatusCode.CANCELLED
     assert s.Abort(pb.AbortRequest(request_ids=["a1"])).aborted == []
     wait_blocks_free(s, timeout=2)

@@ -101,7 +101,7 @@ def test_extend_attention(dtype, lengths, new, kv_heads, group, d):
 
 @pytest.mark.parametrize("window", [4, 16])
 def test_extend_attention_sliding_window_and_position_tags(window):
-    lengths, new = [40, 21], [40, 6]
+    lengths = [40, 21]
     k, v, tables = _paged_cache(lengths, 2, 64, torch.float32, seed=4)
     cu = torch.tensor([0, 40, 46], dtype=torch.int32, device=DEV)
     q = torch.randn(46, 4, 64, device=DEV)

@@ -1,0 +1,39 @@
+"""Triton: one tile of paged attention with the online-softmax update, shared by decode and extend."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def attend_tile(
+    q, q_pos, m_i, l_i, acc, n0, hi, kc_ptr, vc_ptr, bt_row_ptr, pos_ptr, kvh, scale, window,
+    KV_HEADS: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Keys `n0 .. n0 + BLOCK_N` (those below `hi`) of one sequence, read through its block table.
+    A key counts when its position (its index, or its tag with HAS_POS) is at most the query's and,
+    with a window, within it. Rows with nothing to attend keep m = -inf and contribute zeros."""
+    d = tl.arange(0, D)
+    n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = n < hi
+    page = tl.load(bt_row_ptr + n // PAGE, mask=n_mask, other=0).to(tl.int64)
+    slot = page * PAGE + n % PAGE
+    row = KV_HEADS * D
+    k = tl.load(kc_ptr + slot[:, None] * row + kvh * D + d[None, :], mask=n_mask[:, None], other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
+    k_pos = n
+    if HAS_POS:
+        k_pos = tl.load(pos_ptr + slot, mask=n_mask, other=0)
+    valid = n_mask[None, :] & (k_pos[None, :] <= q_pos[:, None])
+    if HAS_WINDOW:
+        valid = valid & (k_pos[None, :] > q_pos[:, None] - window)
+    qk = tl.where(valid, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(qk - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    v = tl.load(vc_ptr + slot[:, None] * row + kvh * D + d[None, :], mask=n_mask[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return m_new, l_i, acc
