@@ -114,3 +114,19 @@ def test_hand_started_worker_registers_and_metrics(tiny_path):
         text = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
         assert 'tandem_requests_total{outcome="length",pipeline="single"}' in text
         assert "tandem_ttft_seconds_bucket" in text and "tandem_kv_usage_ratio" in text
+
+
+def test_full_admission_queue_sheds_load(tiny_path):
+    from orchestrator.server import launch
+
+    with launch(tiny_config(tiny_path, max_in_flight=1, max_queue=0)) as server:
+        s = stub(server.address)
+        busy = s.Generate(_long("busy", 400))
+        next(busy)
+        with pytest.raises(grpc.RpcError) as e:
+            list(s.Generate(pb.GenerateRequest(text="more", sampling=sampling(max_tokens=2))))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        busy.cancel()
+        wait_blocks_free(s)
+        final = list(s.Generate(pb.GenerateRequest(text="after", sampling=sampling(max_tokens=2))))[-1].final
+        assert final.usage.completion_tokens == 2

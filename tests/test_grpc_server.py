@@ -230,7 +230,7 @@ def test_duplicate_request_id_is_rejected(s):
 
 
 def test_concurrent_streams_no_error_no_leak(server, s):
-    duration = float(os.environ.get("TANDEM_STRESS_S", "10"))
+    duration = float(os.environ.get("TANDEM_STRESS_S", "30"))
     errors: list[BaseException] = []
     counts = {"requests": 0}
 
