@@ -87,6 +87,7 @@ class Engine:
                 f"(model context {rm.runner.max_model_len}, KV pool {rm.blocks.num_blocks * rm.blocks.block_size})")
         seq = Sequence(request_id, rm.name, token_ids, params, Priority(priority), sample, cache_salt)
         seq.max_len = max_len
+        seq.set_eos(rm.runner.spec.eos_token_ids)
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
         seq.detokenizer = IncrementalDetokenizer(rm.tokenizer, token_ids, params.skip_special_tokens)
@@ -239,7 +240,7 @@ class Engine:
         pause = decision.pause.tolist() if decision.pause is not None else [False] * len(seqs)
         for i, seq in enumerate(seqs):
             source = decision.sources[i] if decision.sources else rm.name
-            out = append_token(seq, token_list[i], source, result.logprobs[i], rm.runner.spec.eos_token_ids)
+            out = append_token(seq, token_list[i], source, result.logprobs[i])
             if out.finished:
                 self._retire(rm, seq)
             elif pause[i]:

@@ -11,7 +11,7 @@ class Usage:
     cached_tokens: int
 
 
-@dataclass
+@dataclass(slots=True)
 class StepOutput:
     request_id: str
     model: str

@@ -7,9 +7,9 @@ from workers.engine.outputs import StepOutput, Usage
 from workers.engine.sequence import Sequence
 
 
-def append_token(seq: Sequence, token: int, source: str, logprob: dict | None, eos_ids: list[int]) -> StepOutput:
-    now = time.monotonic()
-    seq.first_token_time = seq.first_token_time or now
+def append_token(seq: Sequence, token: int, source: str, logprob: dict | None) -> StepOutput:
+    if seq.first_token_time is None:
+        seq.first_token_time = time.monotonic()
     seq.token_ids.append(token)
     seq.output_token_ids.append(token)
     seq.output_sources.append(source)
@@ -18,21 +18,18 @@ def append_token(seq: Sequence, token: int, source: str, logprob: dict | None, e
     p = seq.params
     if p.detokenize:
         seq.text += seq.detokenizer.add(token)
-    if token in p.stop_token_ids or (not p.ignore_eos and token in eos_ids):
+    if token in seq.stop_ids or (p.stop and _cut_at_stop_string(seq)):
         seq.finish_reason = "stop"
-    elif _cut_at_stop_string(seq):
-        seq.finish_reason = "stop"
-    elif seq.num_output >= p.max_tokens or seq.num_tokens >= seq.max_len:
+    elif len(seq.output_token_ids) >= p.max_tokens or len(seq.token_ids) >= seq.max_len:
         seq.finish_reason = "length"
-    if seq.finish_reason == "length" and p.detokenize:
-        seq.text += seq.detokenizer.flush()
-    out = StepOutput(seq.request_id, seq.model, [token], "", [source], [logprob] if logprob else [])
+        if p.detokenize:
+            seq.text += seq.detokenizer.flush()
     if seq.finish_reason is not None:
         done = finish_output(seq)
-        done.new_token_ids, done.sources, done.logprobs = out.new_token_ids, out.sources, out.logprobs
+        done.new_token_ids, done.sources, done.logprobs = [token], [source], [logprob] if logprob else []
         return done
-    hold = max((len(s) for s in p.stop), default=1) - 1
-    visible = len(seq.text) - hold
+    out = StepOutput(seq.request_id, seq.model, [token], "", [source], [logprob] if logprob else [])
+    visible = len(seq.text) - seq.stop_hold
     if visible > seq.emitted_chars:
         out.text_delta = seq.text[seq.emitted_chars : visible]
         seq.emitted_chars = visible

@@ -43,19 +43,23 @@ class Scheduler:
         decode: list[ScheduledSeq] = []
         extend: list[ScheduledSeq] = []
         self.running.sort(key=Sequence.sort_key)
-        queue = list(self.running)
-        while queue and budget:
-            seq = queue.pop(0)
-            if seq.status is not Status.RUNNING or seq.num_uncomputed == 0:
+        block_size = self.bm.block_size
+        for seq in list(self.running):
+            if not budget:
+                break
+            uncomputed = len(seq.token_ids) - seq.num_computed
+            if not uncomputed or seq.status is not Status.RUNNING:
                 continue
-            n = min(seq.num_uncomputed, budget)
+            n = min(uncomputed, budget)
+            if seq.num_computed + n <= len(seq.block_table) * block_size:
+                (decode if n == 1 else extend).append(ScheduledSeq(seq, n))
+                budget -= n
+                continue
             while not self.bm.ensure(seq, seq.num_computed + n):
                 victim = self._victim(exclude=seq, scheduled=decode + extend)
                 if victim is None:
                     self.preempt(seq)
                     break
-                if victim in queue:
-                    queue.remove(victim)
                 self.preempt(victim)
             if seq.status is Status.RUNNING:
                 (decode if n == 1 else extend).append(ScheduledSeq(seq, n))

@@ -59,6 +59,12 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
+        self.stop_hold = max((len(s) for s in self.params.stop), default=1) - 1
+        self.stop_ids: frozenset[int] = frozenset(self.params.stop_token_ids)
+
+    def set_eos(self, eos_ids: list[int]) -> None:
+        if not self.params.ignore_eos:
+            self.stop_ids = self.stop_ids | frozenset(eos_ids)
 
     @property
     def num_tokens(self) -> int:
