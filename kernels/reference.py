@@ -22,27 +22,33 @@ def paged_attention(
     window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of the step's queries `[T, heads, d]` over each sequence's cached K/V.
-    The CPU path: decode rows batched in one SDPA call, each extend sequence in its own."""
+    The CPU path: decode rows batched together, each extend sequence in its own SDPA call."""
     out = torch.empty_like(q)
     k_flat = k_cache.view(-1, *k_cache.shape[2:])
     v_flat = v_cache.view(-1, *v_cache.shape[2:])
     gqa = q.shape[1] != k_cache.shape[2]
     nd = meta.num_decode
     if nd:
+        # One query per row: plain fp32 batched matmuls beat CPU SDPA (by 6-17x in bf16) at these shapes.
         slots = meta.memo("decode_slots", lambda: _decode_slots(meta))
-        k = k_flat[slots].transpose(1, 2)
-        v = v_flat[slots].transpose(1, 2)
+        kv_heads = k_cache.shape[2]
+        qf = q[:nd].float().view(nd, kv_heads, q.shape[1] // kv_heads, q.shape[2])
+        scores = torch.matmul(qf, k_flat[slots].float().permute(0, 2, 3, 1)) * scale
         mask = meta.memo(("decode_mask", window), lambda: _decode_mask(meta, slots.shape[1], window))
-        o = F.scaled_dot_product_attention(q[:nd, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[:nd] = o[:, :, 0, :]
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        out[:nd] = torch.matmul(probs, v_flat[slots].float().transpose(1, 2)).reshape(nd, *q.shape[1:]).to(q.dtype)
     cu, lens = meta.host("cu_q"), meta.host("seq_lens")
     for i in range(meta.num_extend):
         a, b, ctx = nd + cu[i], nd + cu[i + 1], lens[nd + i]
         slots = meta.memo(("extend_slots", i), lambda: _slots(meta.block_tables[nd + i], ctx, meta.page_size))
         k = k_flat[slots].transpose(0, 1)[None]
         v = v_flat[slots].transpose(0, 1)[None]
-        mask = meta.memo(("extend_mask", i, window), lambda: _causal_mask(ctx, b - a, window, q.device))
-        o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        qs = q[a:b].transpose(0, 1)[None]
+        if b - a == ctx and window is None:
+            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            mask = meta.memo(("extend_mask", i, window), lambda: _causal_mask(ctx, b - a, window, q.device))
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[a:b] = o[0].transpose(0, 1)
     return out
 
