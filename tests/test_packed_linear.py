@@ -28,15 +28,13 @@ def test_packed_equals_linear(monkeypatch, spill, bias):
 
 
 def test_pack_linears_keeps_tied_embeddings(tiny_paths, monkeypatch):
-    from conftest import make_engine
-
-    from workers.engine import SamplingParams
+    from workers.engine import Engine, EngineConfig, ModelConfig, SamplingParams
 
     monkeypatch.setattr(packed_linear, "SPILL_BYTES", 1)
-    path = tiny_paths["llama"]
-    engine = make_engine(path)
+    config = ModelConfig("m", str(tiny_paths["llama"]), dtype="bfloat16", block_size=4, kv_cache_mb=4,
+                         cpu_packed_linear=False)
+    engine = Engine(EngineConfig([config]))
     model = engine.model().runner.model
-    model.to(torch.bfloat16)
     before = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].token_ids
     assert pack_linears(model) == 1 + 4 * len(model.model.layers)
     assert model.model.embed_tokens.weight.shape[0] == 384

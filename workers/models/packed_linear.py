@@ -26,6 +26,8 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.packed = packed
         self.bias = bias
+        rows = [p.shape[0] for p in packed]
+        self.biases = [None] * len(packed) if bias is None else list(bias.split(rows))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, shared: bool) -> PackedLinear:
@@ -38,8 +40,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.packed) == 1:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed[0], self.bias, "none", [], "")
-        out = torch.cat([torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in self.packed], dim=-1)
-        return out if self.bias is None else out + self.bias
+        return torch.cat([torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
+                          for p, b in zip(self.packed, self.biases)], dim=-1)
 
 
 def _spill_and_pack(linear: nn.Linear) -> list[torch.Tensor]:
