@@ -3,9 +3,10 @@
 Shared by `tandem.client.Client` and `AsyncClient`; no I/O here."""
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from tandem.client_errors import ClientError, error_for
 
@@ -208,6 +209,29 @@ class Accumulator:
         if f.HasField("error") and (f.error.code or f.error.message):
             return error_for(f.error.code or 2, f.error.message, field=f.error.field, request_id=r.request_id)
         return None
+
+
+class StreamState:
+    """What a sync or async Generate stream keeps: the call, its accumulated result, and the one retry
+    allowed when the server is unavailable before any message arrived."""
+
+    def __init__(self, start: Callable[[], Any], request_id: str, *, retry_unavailable: bool = True):
+        self._start = start
+        self.request_id = request_id
+        self._acc = Accumulator(request_id)
+        self._retries_left = 1 if retry_unavailable else 0
+        self._got_message = False
+        self._closed = False
+        self._t0 = time.perf_counter()
+        self._call = start()
+
+    @property
+    def result(self) -> GenerationResult | None:
+        return self._acc.result if self._acc.done else None
+
+    def _end(self) -> None:
+        self._closed = True
+        self._acc.result.timings.client_s = time.perf_counter() - self._t0
 
 
 def model_info(m: Any) -> ModelInfo:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 import grpc
 
 from tandem._client_types import (
-    Accumulator, Chunk, GenerationResult, ModelInfo, PipelineInfo, SessionInfo, chunk_from_proto, generate_request,
+    Chunk, GenerationResult, ModelInfo, PipelineInfo, SessionInfo, StreamState, chunk_from_proto, generate_request,
     model_info, new_request_id, pipeline_info, session_info, session_request, to_dict,
 )
 from tandem.client import channel_options
@@ -26,26 +26,8 @@ from tandem.client_errors import ClientError, ServerError, UnavailableError, fro
 __all__ = ["AsyncClient", "AsyncChatSession", "AsyncGenerationStream"]
 
 
-class AsyncGenerationStream:
+class AsyncGenerationStream(StreamState):
     """`async for chunk in stream`; `result` holds the GenerationResult once the stream ended."""
-
-    def __init__(self, start: Callable[[], Any], request_id: str):
-        self._start = start
-        self.request_id = request_id
-        self._acc = Accumulator(request_id)
-        self._retries_left = 1
-        self._got_message = False
-        self._closed = False
-        self._t0 = time.perf_counter()
-        self._call = start()
-
-    @property
-    def result(self) -> GenerationResult | None:
-        return self._acc.result if self._acc.done else None
-
-    def _end(self) -> None:
-        self._closed = True
-        self._acc.result.timings.client_s = time.perf_counter() - self._t0
 
     async def __anext__(self) -> Chunk:
         while not self._closed:

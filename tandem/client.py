@@ -16,12 +16,12 @@ cancels its RPC, which aborts the request on the server. `AsyncClient` (grpc.aio
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import grpc
 
 from tandem._client_types import (
-    Accumulator, Chunk, GenerationResult, ModelInfo, PipelineInfo, SessionInfo, chunk_from_proto, generate_request,
+    Chunk, GenerationResult, ModelInfo, PipelineInfo, SessionInfo, StreamState, chunk_from_proto, generate_request,
     model_info, new_request_id, pipeline_info, session_info, session_request, to_dict,
 )
 from tandem.client_errors import ClientError, ServerError, UnavailableError, from_rpc_error
@@ -35,26 +35,8 @@ def channel_options(max_message_mb: int) -> list[tuple[str, Any]]:
             ("grpc.enable_retries", 0), ("grpc.keepalive_time_ms", 30_000)]
 
 
-class GenerationStream:
+class GenerationStream(StreamState):
     """The chunks of one streamed Generate; `result` holds the GenerationResult once the stream ended."""
-
-    def __init__(self, start: Callable[[], Any], request_id: str, *, retry_unavailable: bool = True):
-        self._start = start
-        self.request_id = request_id
-        self._acc = Accumulator(request_id)
-        self._retries_left = 1 if retry_unavailable else 0
-        self._got_message = False
-        self._closed = False
-        self._t0 = time.perf_counter()
-        self._call = start()
-
-    @property
-    def result(self) -> GenerationResult | None:
-        return self._acc.result if self._acc.done else None
-
-    def _end(self) -> None:
-        self._closed = True
-        self._acc.result.timings.client_s = time.perf_counter() - self._t0
 
     def __next__(self) -> Chunk:
         while not self._closed:
