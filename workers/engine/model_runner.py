@@ -1,6 +1,8 @@
 """ModelRunner: one resident model, its KV pool tensors, and the forward pass of a scheduled batch."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 import kernels
@@ -66,8 +68,11 @@ class ModelRunner:
             return 1
         from kernels.triton_decode import num_splits_for
 
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        return num_splits_for(batch, self.spec.num_kv_heads, self.max_model_len, sms)
+        return num_splits_for(batch, self.spec.num_kv_heads, self.max_model_len, self.num_sms)
+
+    @functools.cached_property
+    def num_sms(self) -> int:
+        return torch.cuda.get_device_properties(self.device).multi_processor_count
 
     @torch.inference_mode()
     def read_kv(self, slots: torch.Tensor, layers: range) -> tuple[torch.Tensor, torch.Tensor]:
