@@ -167,7 +167,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         rendered = session.messages if session and session.token_ids else []
         pending = session.messages if session and not session.token_ids else []  # a system prompt before turn 1
         tok = wpb.TokenizeRequest(model=model, add_generation_prompt=agp, history=[pb.ChatMessage(**m) for m in rendered],
-                                  messages=pb.ChatMessages(messages=[pb.ChatMessage(**m) for m in pending + messages]))
+                                  messages=pb.ChatMessages(messages=[pb.ChatMessage(**m) for m in pending + messages]),
+                                  history_tail=history[-4:])
         ids = list((await self._tokenize(model, tok)).token_ids)
         if not history + ids:
             raise InvalidRequestError(which or "input", "renders to an empty prompt")

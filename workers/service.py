@@ -74,7 +74,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             if request.WhichOneof("input") == "messages":
                 msgs = [{"role": m.role, "content": m.content} for m in request.messages.messages]
                 hist = [{"role": m.role, "content": m.content} for m in request.history]
-                return await asyncio.to_thread(turn_tokens, tok, hist, msgs, request.add_generation_prompt)
+                return await asyncio.to_thread(turn_tokens, tok, hist, msgs, request.add_generation_prompt,
+                                               list(request.history_tail))
             return await asyncio.to_thread(encode, tok, request.text)
 
         return wpb.TokenizeResponse(token_ids=await _guard(context, tokenize()))
