@@ -233,6 +233,28 @@ class StreamState:
         self._closed = True
         self._acc.result.timings.client_s = time.perf_counter() - self._t0
 
+    def _take(self, msg: Any) -> Chunk | None:
+        """Fold one GenerateResponse in; returns its chunk, or None for the final (raising its in-band error)."""
+        self._got_message = True
+        if msg.WhichOneof("kind") == "chunk":
+            chunk = chunk_from_proto(msg.chunk)
+            self._acc.add_chunk(chunk)
+            return chunk
+        if msg.WhichOneof("kind") == "final":
+            err = self._acc.add_final(msg.final)
+            if err is not None:
+                self.cancel()
+                raise err
+        return None
+
+    def cancel(self) -> None:
+        """Cancel the RPC (the server aborts the request). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._call.cancel()
+
+    close = cancel
+
 
 def model_info(m: Any) -> ModelInfo:
     return ModelInfo(m.name, m.path, m.max_model_len, m.vocab_size, m.block_size, m.num_blocks, list(m.workers),

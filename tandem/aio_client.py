@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Mapping, Sequence
 import grpc
 
 from tandem._client_types import (
-    Chunk, GenerationResult, ModelInfo, PipelineInfo, SessionInfo, StreamState, chunk_from_proto, generate_request,
+    Chunk, GenerationResult, ModelInfo, PipelineInfo, SessionInfo, StreamState, generate_request,
     model_info, new_request_id, pipeline_info, session_info, session_request, to_dict,
 )
 from tandem.client import channel_options
@@ -49,16 +49,9 @@ class AsyncGenerationStream(StreamState):
                 if not self._acc.done:
                     raise ServerError("the stream ended without a final message", request_id=self.request_id)
                 break
-            self._got_message = True
-            if msg.WhichOneof("kind") == "chunk":
-                chunk = chunk_from_proto(msg.chunk)
-                self._acc.add_chunk(chunk)
+            chunk = self._take(msg)
+            if chunk is not None:
                 return chunk
-            if msg.WhichOneof("kind") == "final":
-                err = self._acc.add_final(msg.final)
-                if err is not None:
-                    self.cancel()
-                    raise err
         raise StopAsyncIteration
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
@@ -71,12 +64,6 @@ class AsyncGenerationStream(StreamState):
         finally:
             self.cancel()
 
-    def cancel(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._call.cancel()
-
-    close = cancel
 
     async def wait(self) -> GenerationResult:
         try:

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import grpc
 
 from tandem._client_types import (
-    Chunk, GenerationResult, ModelInfo, PipelineInfo, SessionInfo, StreamState, chunk_from_proto, generate_request,
+    Chunk, GenerationResult, ModelInfo, PipelineInfo, SessionInfo, StreamState, generate_request,
     model_info, new_request_id, pipeline_info, session_info, session_request, to_dict,
 )
 from tandem.client_errors import ClientError, ServerError, UnavailableError, from_rpc_error
@@ -58,16 +58,9 @@ class GenerationStream(StreamState):
                 if self._acc.done and code == grpc.StatusCode.CANCELLED:
                     break  # aborted: the Final (finish_reason "abort") already arrived
                 raise from_rpc_error(e, self.request_id) from None
-            self._got_message = True
-            if msg.WhichOneof("kind") == "chunk":
-                chunk = chunk_from_proto(msg.chunk)
-                self._acc.add_chunk(chunk)
+            chunk = self._take(msg)
+            if chunk is not None:
                 return chunk
-            if msg.WhichOneof("kind") == "final":
-                err = self._acc.add_final(msg.final)
-                if err is not None:
-                    self.cancel()
-                    raise err
         raise StopIteration
 
     def __iter__(self) -> Iterator[Chunk]:
@@ -81,13 +74,6 @@ class GenerationStream(StreamState):
             if not self._closed:
                 self.cancel()
 
-    def cancel(self) -> None:
-        """Cancel the RPC (the server aborts the request). Idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._call.cancel()
-
-    close = cancel
 
     def wait(self) -> GenerationResult:
         """Consume what is left and return the result."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from gguf_writer import gguf_losses, write_gguf
-from tiny import make_tiny
+from tiny import make_tiny, perturb
 
 from workers.engine import Engine, EngineConfig, ModelConfig, PolicyDecision, SamplingParams
 
@@ -38,12 +38,9 @@ def _tiny_for_gguf(family: str, root: Path) -> Path:
     cfg = json.loads((path / "config.json").read_text()) | OVERRIDES.get(family, {})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).eval()
+    perturb(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.2)
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.5)
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.normal_(0.0, 0.5)
             if name.endswith(("q_norm.weight", "k_norm.weight")) and family != "gemma3":

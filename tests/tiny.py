@@ -36,16 +36,21 @@ def make_tiny(family: str, root: Path, *, tied: bool | None = None, seed: int = 
         raise ValueError(family)
     torch.manual_seed(seed)
     model = cls(cfg).eval()
+    perturb(model)
+    out = root / f"{family}-{seed}"
+    model.save_pretrained(out)
+    _write_tokenizer(out, vocab)
+    return out
+
+
+def perturb(model) -> None:
+    """Random norm weights and biases, so a wrong norm or a dropped bias changes the logits."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.normal_(0.0, 0.2)
             if name.endswith("bias"):
                 p.normal_(0.0, 0.5)
-    out = root / f"{family}-{seed}"
-    model.save_pretrained(out)
-    _write_tokenizer(out, vocab)
-    return out
 
 
 def _write_tokenizer(out: Path, vocab: int) -> None:
