@@ -57,7 +57,7 @@ class Sampler:
             if s.generator is not None:
                 noise[i] = torch.empty(probs.shape[1]).exponential_(generator=s.generator).to(probs.device)
         tokens = (probs / noise).argmax(dim=-1)
-        greedy = torch.tensor([p.greedy for p in [s.params for s in seqs]], device=logits.device)
+        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         return torch.where(greedy, greedy_tokens, tokens)
 
     @staticmethod

@@ -51,16 +51,13 @@ class Scheduler:
             if not uncomputed or seq.status is not Status.RUNNING:
                 continue
             n = min(uncomputed, budget)
-            if seq.num_computed + n <= len(seq.block_table) * block_size:
-                (decode if n == 1 else extend).append(ScheduledSeq(seq, n))
-                budget -= n
-                continue
-            while not self.bm.ensure(seq, seq.num_computed + n):
-                victim = self._victim(exclude=seq, scheduled=decode + extend)
-                if victim is None:
-                    self.preempt(seq)
-                    break
-                self.preempt(victim)
+            if seq.num_computed + n > len(seq.block_table) * block_size:
+                while not self.bm.ensure(seq, seq.num_computed + n):
+                    victim = self._victim(exclude=seq, scheduled=decode + extend)
+                    if victim is None:
+                        self.preempt(seq)
+                        break
+                    self.preempt(victim)
             if seq.status is Status.RUNNING:
                 (decode if n == 1 else extend).append(ScheduledSeq(seq, n))
                 budget -= n
