@@ -32,6 +32,7 @@ class ResidentModel:
     blocks: BlockManager
     scheduler: Scheduler
     policies: list[TokenPolicy]
+    step_started: float = 0.0
 
     @property
     def tokenizer(self):
@@ -56,6 +57,7 @@ class Engine:
         self._lock = threading.Lock()
         self._inbox: deque[Callable[[], None]] = deque()
         self._outbox: list[StepOutput] = []
+        self.retire_hooks: list[Callable[[Sequence], None]] = []
 
     # ----- the door: validation in the caller's thread, effects in the engine's -----
 
@@ -74,7 +76,11 @@ class Engine:
         priority: Priority = Priority.NORMAL,
         sample: bool = True,
         cache_salt: str = "",
+        propose_only: bool = False,
+        immediate: bool = False,
     ) -> Sequence:
+        """With `propose_only`, each sampled token is streamed as a proposal and not appended: the
+        sequence then waits for `extend`. `immediate` adds it at once (call only on the engine's thread)."""
         rm = self.model(model)
         params = params or SamplingParams()
         if not isinstance(request_id, str) or not request_id:
@@ -87,6 +93,7 @@ class Engine:
                 f"(model context {rm.runner.max_model_len}, KV pool {rm.blocks.num_blocks * rm.blocks.block_size})")
         seq = Sequence(request_id, rm.name, token_ids, params, Priority(priority), sample, cache_salt)
         seq.max_len = max_len
+        seq.propose_only = propose_only
         seq.set_eos(rm.runner.spec.eos_token_ids)
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
@@ -95,7 +102,10 @@ class Engine:
             if request_id in self.requests:
                 raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
             self.requests[request_id] = seq
-            self._inbox.append(lambda: rm.scheduler.add(seq))
+            if not immediate:
+                self._inbox.append(lambda: rm.scheduler.add(seq))
+        if immediate:
+            rm.scheduler.add(seq)
         return seq
 
     def _tokens(self, rm: ResidentModel, prompt: str | list[int]) -> list[int]:
@@ -131,6 +141,24 @@ class Engine:
         seq.token_ids.extend(token_ids)
         seq.sample_on_complete = sample
         rm.scheduler.resume(seq)
+
+    def inject(self, request_id: str, token: int, source: str, logprob: dict | None = None) -> None:
+        """Give a held sequence (see `PolicyDecision.hold`) its next token, produced elsewhere."""
+        seq = self._live(request_id)
+        rm = self.models[seq.model]
+        if seq.status is not Status.PAUSED or seq.num_uncomputed:
+            raise InvalidRequestError("request_id", f"{request_id!r} is not waiting for a token")
+        self._tokens(rm, [token])
+        out = append_token(seq, token, source, logprob)
+        if out.finished:
+            self._retire(rm, seq)
+        else:
+            rm.scheduler.resume(seq)
+        self._outbox.append(out)
+
+    def emit(self, out: StepOutput) -> None:
+        """Add an output to this step's results (for policies that report events)."""
+        self._outbox.append(out)
 
     def pause(self, request_id: str) -> None:
         seq = self._live(request_id)
@@ -215,6 +243,7 @@ class Engine:
         batch = rm.scheduler.schedule()
         if not batch:
             return
+        rm.step_started = time.perf_counter()
         now = time.monotonic()
         sample_rows = []
         for i, s in enumerate(batch):
@@ -234,11 +263,20 @@ class Engine:
         result = self.sampler(logits, seqs)
         tokens, decision = result.tokens, PolicyDecision()
         for policy in rm.policies:
-            decision = policy(StepView(rm.name, seqs, hidden, logits, tokens)) or decision
+            decision = policy(StepView(rm.name, seqs, hidden, logits, tokens, result.logprobs)) or decision
             tokens = decision.tokens if decision.tokens is not None else tokens
         token_list = tokens.tolist()
         pause = decision.pause.tolist() if decision.pause is not None else [False] * len(seqs)
+        hold = decision.hold.tolist() if decision.hold is not None else [False] * len(seqs)
         for i, seq in enumerate(seqs):
+            if seq.is_finished:
+                continue
+            if hold[i] or seq.propose_only:
+                rm.scheduler.pause(seq)
+                if seq.propose_only and not hold[i]:
+                    self._outbox.append(StepOutput(seq.request_id, rm.name, [token_list[i]], logprobs=[
+                        result.logprobs[i]] if result.logprobs[i] else [], proposed=True))
+                continue
             source = decision.sources[i] if decision.sources else rm.name
             out = append_token(seq, token_list[i], source, result.logprobs[i])
             if out.finished:
@@ -263,6 +301,8 @@ class Engine:
         with self._lock:
             if self.requests.get(seq.request_id) is seq:
                 del self.requests[seq.request_id]
+        for hook in self.retire_hooks:
+            hook(seq)
 
     # ----- in-process convenience -----
 

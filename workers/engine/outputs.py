@@ -25,6 +25,9 @@ class StepOutput:
     usage: Usage | None = None
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    proposed: bool = False
+    handoff: list[int] | None = None
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,6 +54,7 @@ class RequestOutput:
     finish_reason: str | None = None
     usage: Usage | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
 
     def add(self, out: StepOutput) -> None:
         self.text += out.text_delta
@@ -59,3 +63,4 @@ class RequestOutput:
         self.logprobs += out.logprobs
         if out.finished:
             self.finish_reason, self.usage, self.timings = out.finish_reason, out.usage, out.timings
+            self.stats = out.stats

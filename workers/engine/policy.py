@@ -18,16 +18,19 @@ class StepView:
     hidden: torch.Tensor
     logits: torch.Tensor
     tokens: torch.Tensor
+    logprobs: list[dict | None] | None = None
 
 
 @dataclass
 class PolicyDecision:
     """Any field left None changes nothing. `tokens` replaces the sampled tokens; rows with
     `pause` set are held (KV kept, not scheduled) after their token is appended, for a hand-off;
+    rows with `hold` set drop their token and wait, paused, for `Engine.inject` to give them one;
     `sources` tags each row's token with the model or path that produced it."""
 
     tokens: torch.Tensor | None = None
     pause: torch.Tensor | None = None
+    hold: torch.Tensor | None = None
     sources: list[str] | None = None
 
 

@@ -63,4 +63,5 @@ def finish_output(seq: Sequence) -> StepOutput:
     return StepOutput(
         seq.request_id, seq.model, text_delta=delta, finished=True, finish_reason=seq.finish_reason,
         usage=Usage(seq.num_prompt_tokens, seq.num_output, seq.num_cached_tokens), timings=timings,
+        stats=dict(seq.stats),
     )

@@ -1,0 +1,79 @@
+"""Per-token deciders for R2R: which rows of an SLM step go to the LLM. Each takes the step and a
+per-row threshold in [0, 1] and returns a boolean mask on the step's device, batched over rows.
+Threshold 0 always fires and 1 never does, whatever the score."""
+from __future__ import annotations
+
+import math
+import torch
+
+from routing.router import Router
+from workers.engine import StepView
+
+
+class Decider:
+    """Scores each row; a row goes to the LLM when its score reaches its threshold."""
+
+    name: str = ""
+    default_threshold: float = 0.5
+
+    def scores(self, step: StepView) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decide(self, step: StepView, thresholds: torch.Tensor) -> torch.Tensor:
+        scores = self.scores(step)
+        t = thresholds.to(scores.device)
+        return torch.where(t <= 0, True, torch.where(t >= 1, False, scores >= t))
+
+
+class RouterDecider(Decider):
+    """The learned router: P(divergent) from the hidden state, the chosen token and the top-k logits."""
+
+    name = "router"
+
+    def __init__(self, router: Router):
+        self.router = router
+        self.default_threshold = float(router.config.threshold)
+
+    def scores(self, step: StepView) -> torch.Tensor:
+        return self.router.prob(step.hidden, step.tokens, step.logits)
+
+
+class EntropyDecider(Decider):
+    """Baseline: the SLM's predictive entropy, normalised by log(vocab) into [0, 1]."""
+
+    name = "entropy"
+    default_threshold = 0.1
+
+    def scores(self, step: StepView) -> torch.Tensor:
+        logp = step.logits.float().log_softmax(-1)
+        return -(logp.exp() * logp).sum(-1) / math.log(step.logits.shape[-1])
+
+
+class RandomDecider(Decider):
+    """Baseline: each token goes to the LLM with probability 1 - threshold."""
+
+    name = "random"
+    default_threshold = 0.87
+
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def scores(self, step: StepView) -> torch.Tensor:
+        return torch.rand(len(step.seqs), generator=self.generator).to(step.logits.device)
+
+
+class ForcedDecider(Decider):
+    """For benchmarks and tests: fires on an exact share (1 - threshold) of each sequence's tokens,
+    evenly spaced, whatever the models say."""
+
+    name = "forced"
+    default_threshold = 0.87
+
+    def decide(self, step: StepView, thresholds: torch.Tensor) -> torch.Tensor:
+        shares = (1 - thresholds.clamp(0, 1)).tolist()
+        n = [s.num_output for s in step.seqs]
+        fire = [math.floor((k + 1) * p + 1e-9) > math.floor(k * p + 1e-9) for k, p in zip(n, shares)]
+        return torch.tensor(fire, device=step.logits.device)
+
+
+BASELINES: dict[str, type[Decider]] = {d.name: d for d in (EntropyDecider, RandomDecider, ForcedDecider)}

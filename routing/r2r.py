@@ -1,0 +1,195 @@
+"""R2R inside one engine's step: the SLM proposes every token, a decider flags the path-divergent
+ones, and the LLM writes those instead.
+
+Co-located (`llm` is a model of the same engine): a flagged row drops its SLM token and is held; the
+LLM's copy of the request (its shadow) is caught up with one extend over every token written since its
+last call, prompt included on the first, and samples the token, which is injected into the SLM request.
+The SLM has no KV for the dropped token, so nothing is rolled back. Every flagged row of a step is
+extended in one LLM batch, in the same engine step (the SLM steps first).
+
+Disaggregated (`llm` None): a flagged row is held and a hand-off output carries the tokens the remote
+LLM has not seen; the orchestrator runs the LLM worker and calls `Engine.inject` here with its token."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from routing.deciders import Decider
+from tandem.errors import InvalidRequestError
+from workers.engine import Engine, PolicyDecision, RequestOutput, SamplingParams, StepOutput, StepView
+from workers.engine.sequence import Priority, Sequence
+
+
+@dataclass
+class RouteState:
+    slm_rid: str
+    llm_rid: str
+    decider: Decider
+    threshold: float
+    llm_seen: int = 0
+    llm_started: bool = False
+    slm_tokens: int = 0
+    llm_tokens: int = 0
+    router_s: float = 0.0
+    llm_s: float = 0.0
+
+    def stats(self) -> dict[str, float]:
+        total = self.slm_tokens + self.llm_tokens
+        return {"llm_tokens": self.llm_tokens, "slm_tokens": self.slm_tokens,
+                "llm_token_share": self.llm_tokens / total if total else 0.0,
+                "router_s": self.router_s, "llm_s": self.llm_s}
+
+
+class R2R:
+    def __init__(self, engine: Engine, slm: str, llm: str | None, deciders: Iterable[Decider], default: str = ""):
+        self.engine = engine
+        self.slm = engine.model(slm)
+        self.llm = engine.model(llm) if llm else None
+        self.deciders = {d.name: d for d in deciders}
+        if not self.deciders:
+            raise InvalidRequestError("deciders", "R2R needs at least one decider")
+        self.default = default or next(iter(self.deciders))
+        if self.llm is not None:
+            slm_spec, llm_spec = self.slm.runner.spec, self.llm.runner.spec
+            if slm_spec.eos_token_ids != llm_spec.eos_token_ids:
+                raise InvalidRequestError("llm", f"{slm!r} and {llm!r} do not share special tokens")
+        self.states: dict[str, RouteState] = {}
+        self.shadows: dict[str, RouteState] = {}
+        engine.add_policy(slm, self._on_slm_step)
+        if self.llm is not None:
+            engine.add_policy(llm, self._on_llm_step)
+        engine.retire_hooks.append(self._on_retire)
+
+    @property
+    def max_len(self) -> int:
+        lens = [rm.runner.max_model_len for rm in (self.slm, self.llm) if rm is not None]
+        return min(lens)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, *,
+                    decider: str = "", threshold: float | None = None, priority: Priority = Priority.NORMAL,
+                    cache_salt: str = "") -> Sequence:
+        name = decider or self.default
+        if name not in self.deciders:
+            raise InvalidRequestError("decider", f"unknown decider {name!r}; known: {sorted(self.deciders)}")
+        d = self.deciders[name]
+        threshold = d.default_threshold if threshold is None else threshold
+        if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise InvalidRequestError("threshold", f"must be within [0, 1], got {threshold}")
+        state = RouteState(request_id, f"{request_id}/llm", d, float(threshold))
+        self.states[request_id] = state
+        try:
+            seq = self.engine.add_request(request_id, prompt, params, self.slm.name, priority, cache_salt=cache_salt)
+        except Exception:
+            self.states.pop(request_id, None)
+            raise
+        seq.max_len = min(seq.max_len, self.max_len)
+        seq.stats = state.stats()
+        return seq
+
+    def generate(self, prompts: Iterable[str | list[int]], params: SamplingParams | None = None, **route) -> list[RequestOutput]:
+        ids = []
+        for i, prompt in enumerate(prompts):
+            rid = f"r2r-{id(self)}-{time.monotonic_ns()}-{i}"
+            self.add_request(rid, prompt, params, **route)
+            ids.append(rid)
+        results = {rid: RequestOutput(rid) for rid in ids}
+        while any(r.finish_reason is None for r in results.values()):
+            for out in self.engine.step():
+                if out.request_id in results:
+                    results[out.request_id].add(out)
+        return [results[rid] for rid in ids]
+
+    # ----- on the engine's thread -----
+
+    def _on_slm_step(self, step: StepView) -> PolicyDecision | None:
+        rows = [i for i, s in enumerate(step.seqs) if s.request_id in self.states]
+        if not rows:
+            return None
+        t0 = time.perf_counter()
+        fire = torch.zeros(len(step.seqs), dtype=torch.bool)
+        by_decider: dict[str, list[int]] = {}
+        for i in rows:
+            by_decider.setdefault(self.states[step.seqs[i].request_id].decider.name, []).append(i)
+        for name, idx in by_decider.items():
+            sub = _rows(step, idx)
+            thresholds = torch.tensor([self.states[s.request_id].threshold for s in sub.seqs])
+            fire[idx] = self.deciders[name].decide(sub, thresholds).cpu()
+        fired = fire.tolist()
+        router_s = (time.perf_counter() - t0) / len(rows)
+        for i in rows:
+            seq = step.seqs[i]
+            state = self.states[seq.request_id]
+            state.router_s += router_s
+            if fired[i] and not self._hand_off(seq, state):
+                fire[i] = False
+            if not fire[i]:
+                state.slm_tokens += 1
+            seq.stats = state.stats()
+        return PolicyDecision(hold=fire)
+
+    def _hand_off(self, seq: Sequence, state: RouteState) -> bool:
+        """Send the tokens the LLM has not seen; False when the LLM cannot take them (then the SLM's token stands)."""
+        delta = seq.token_ids[state.llm_seen :]
+        if self.llm is None:
+            self.engine.emit(StepOutput(seq.request_id, self.slm.name, handoff=list(delta)))
+        elif not state.llm_started:
+            params = dataclasses.replace(seq.params, detokenize=False, stop=[], logprobs=seq.params.logprobs)
+            if seq.params.seed is not None:
+                params = dataclasses.replace(params, seed=seq.params.seed + 1)
+            try:
+                self.engine.add_request(state.llm_rid, delta, params, self.llm.name, seq.priority,
+                                        cache_salt=seq.cache_salt, immediate=True)
+            except InvalidRequestError:
+                return False
+            state.llm_started = True
+            self.shadows[state.llm_rid] = state
+        else:
+            try:
+                self.engine.extend(state.llm_rid, delta, sample=True)
+            except InvalidRequestError:
+                return False
+        state.llm_seen = len(seq.token_ids)
+        return True
+
+    def _on_llm_step(self, step: StepView) -> PolicyDecision | None:
+        rows = [i for i, s in enumerate(step.seqs) if s.request_id in self.shadows]
+        if not rows:
+            return None
+        hold = torch.zeros(len(step.seqs), dtype=torch.bool)
+        hold[rows] = True
+        tokens = step.tokens.tolist()
+        vocab = self.slm.runner.spec.vocab_size
+        llm_s = (time.perf_counter() - self.llm.step_started) / len(rows)
+        for i in rows:
+            state = self.shadows[step.seqs[i].request_id]
+            token = tokens[i] if tokens[i] < vocab else int(step.logits[i, :vocab].argmax())
+            state.llm_tokens += 1
+            state.llm_s += llm_s
+            slm_seq = self.engine.requests.get(state.slm_rid)
+            if slm_seq is not None:
+                slm_seq.stats = state.stats()
+                logprob = step.logprobs[i] if step.logprobs else None
+                self.engine.inject(state.slm_rid, token, self.llm.name, logprob)
+        return PolicyDecision(hold=hold)
+
+    def _on_retire(self, seq: Sequence) -> None:
+        state = self.states.pop(seq.request_id, None)
+        if state is not None:
+            if self.shadows.pop(state.llm_rid, None) is not None:
+                self.engine.release(state.llm_rid)
+            return
+        state = self.shadows.pop(seq.request_id, None)
+        if state is not None and state.slm_rid in self.engine.requests:
+            self.engine.abort(state.slm_rid)
+
+
+def _rows(step: StepView, idx: list[int]) -> StepView:
+    if len(idx) == len(step.seqs):
+        return step
+    t = torch.tensor(idx, device=step.hidden.device)
+    return StepView(step.model, [step.seqs[i] for i in idx], step.hidden[t], step.logits[t], step.tokens[t],
+                    [step.logprobs[i] for i in idx] if step.logprobs else None)

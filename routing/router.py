@@ -1,0 +1,121 @@
+"""The R2R router: (SLM last hidden state, embedding of the chosen token, top-k raw logits) -> MLP ->
+probability that the SLM's token diverges from the LLM's path. Checkpoint: safetensors + JSON."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tandem.errors import TandemError
+
+WEIGHTS, CONFIG = "router.safetensors", "router.json"
+
+
+class RouterCheckpointError(TandemError):
+    """A router checkpoint that is missing, malformed or made for another SLM."""
+
+
+@dataclass
+class RouterConfig:
+    hidden_size: int
+    top_k: int = 100
+    width: int = 1024
+    depth: int = 6
+    expansion: int = 4
+    dropout: float = 0.1
+    threshold: float = 0.5
+    slm: str = ""
+    llm: str = ""
+    calibration: dict | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RouterConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class Block(nn.Module):
+    """Pre-LN residual MLP block."""
+
+    def __init__(self, width: int, expansion: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, width * expansion)
+        self.down = nn.Linear(width * expansion, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.down(self.drop(nn.functional.gelu(self.up(self.norm(x))))))
+
+
+class Router(nn.Module):
+    """Runs in fp32. The token embedding is the SLM's own input table, looked up, never trained or saved."""
+
+    def __init__(self, config: RouterConfig, embedding: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        h, w = config.hidden_size, config.width
+        self.embedding = embedding.detach() if embedding is not None else None
+        self.logits_proj = nn.Linear(config.top_k, h)
+        self.input = nn.Sequential(nn.Linear(3 * h, w), nn.Linear(w, w))
+        self.blocks = nn.ModuleList(Block(w, config.expansion, config.dropout) for _ in range(config.depth))
+        self.head = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, 1))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, hidden: torch.Tensor, token_emb: torch.Tensor, topk_logits: torch.Tensor) -> torch.Tensor:
+        """[B,H], [B,H], [B,k] -> divergence logit [B]."""
+        x = torch.cat([hidden.float(), token_emb.float(), self.logits_proj(topk_logits.float())], dim=-1)
+        x = self.input(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x).squeeze(-1)
+
+    def features(self, hidden: torch.Tensor, tokens: torch.Tensor, logits: torch.Tensor):
+        """From one SLM step: the hidden state, the token embedding and the top-k raw logits (sorted)."""
+        assert self.embedding is not None, "the router needs the SLM's embedding table"
+        emb = self.embedding[tokens.to(self.embedding.device)].to(hidden.device)
+        topk = logits.float().topk(min(self.config.top_k, logits.shape[-1]), dim=-1).values
+        if topk.shape[-1] < self.config.top_k:
+            topk = nn.functional.pad(topk, (0, self.config.top_k - topk.shape[-1]), value=float(topk.min()))
+        return hidden, emb, topk
+
+    @torch.inference_mode()
+    def prob(self, hidden: torch.Tensor, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self(*self.features(hidden, tokens, logits)))
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS))
+        (directory / CONFIG).write_text(json.dumps(asdict(self.config), indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, embedding: torch.Tensor | None = None,
+             slm_hidden_size: int | None = None, device: str | torch.device = "cpu") -> Router:
+        directory = Path(directory)
+        for name in (CONFIG, WEIGHTS):
+            if not (directory / name).is_file():
+                raise RouterCheckpointError(f"router checkpoint {directory}: {name} is missing")
+        try:
+            config = RouterConfig.from_dict(json.loads((directory / CONFIG).read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise RouterCheckpointError(f"router checkpoint {directory}: {CONFIG} is not valid: {e}") from None
+        if slm_hidden_size is not None and config.hidden_size != slm_hidden_size:
+            raise RouterCheckpointError(
+                f"router checkpoint {directory} was made for hidden size {config.hidden_size}, "
+                f"but the SLM's hidden size is {slm_hidden_size}")
+        router = cls(config, embedding)
+        try:
+            router.load_state_dict(load_file(str(directory / WEIGHTS)))
+        except RuntimeError as e:
+            raise RouterCheckpointError(f"router checkpoint {directory}: weights do not match its config: {e}") from None
+        return router.to(device).eval()

@@ -1,0 +1,125 @@
+"""R2R co-located in one engine: the extremes equal each model alone, catch-up KV equals a fresh prefill."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_engine
+
+from routing.deciders import EntropyDecider, ForcedDecider, RandomDecider, RouterDecider
+from routing.r2r import R2R
+from routing.router import Router, RouterCheckpointError, RouterConfig
+from tandem.errors import InvalidRequestError
+from workers.engine import Engine, EngineConfig, ModelConfig, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20]]
+
+
+def pair_engine(paths, **kw) -> Engine:
+    return Engine(EngineConfig([
+        ModelConfig("slm", str(paths["qwen2"]), dtype="float32", block_size=4, kv_cache_mb=4),
+        ModelConfig("llm", str(paths["llama"]), dtype="float32", block_size=4, kv_cache_mb=4),
+    ], **kw))
+
+
+def tiny_router(engine: Engine) -> Router:
+    torch.manual_seed(0)
+    slm = engine.models["slm"].runner
+    config = RouterConfig(hidden_size=slm.spec.hidden_size, top_k=16, width=32, depth=1, threshold=0.5)
+    return Router(config, slm.model.model.embed_tokens.weight.detach()).eval()
+
+
+def r2r(paths, **kw) -> R2R:
+    engine = pair_engine(paths, **kw)
+    deciders = [RouterDecider(tiny_router(engine)), ForcedDecider(), RandomDecider(0), EntropyDecider()]
+    return R2R(engine, "slm", "llm", deciders)
+
+
+def alone(path, prompts, params=GREEDY):
+    return [o.token_ids for o in make_engine(path).generate(prompts, params)]
+
+
+@pytest.mark.parametrize("decider", ["router", "forced", "entropy"])
+def test_extremes_equal_each_model_alone(tiny_paths, decider):
+    r = r2r(tiny_paths)
+    never = r.generate(PROMPTS, GREEDY, decider=decider, threshold=1.0)
+    assert [o.token_ids for o in never] == alone(tiny_paths["qwen2"], PROMPTS)
+    assert all(set(o.sources) == {"slm"} and o.stats["llm_token_share"] == 0 for o in never)
+    always = r.generate(PROMPTS, GREEDY, decider=decider, threshold=0.0)
+    assert [o.token_ids for o in always] == alone(tiny_paths["llama"], PROMPTS)
+    assert all(set(o.sources) == {"llm"} and o.stats["llm_token_share"] == 1 for o in always)
+    stats = r.engine.stats()
+    assert all(s["free_blocks"] == s["num_blocks"] for s in stats.values())
+
+
+def test_mixed_routing_shares_and_sources(tiny_paths):
+    r = r2r(tiny_paths)
+    outs = r.generate(PROMPTS, GREEDY, decider="forced", threshold=0.75)
+    for o in outs:
+        assert len(o.token_ids) == 16
+        assert o.sources.count("llm") == 4 and o.stats["llm_tokens"] == 4 and o.stats["slm_tokens"] == 12
+        assert o.stats["llm_token_share"] == pytest.approx(0.25)
+        assert o.stats["router_s"] > 0 and o.stats["llm_s"] > 0
+    assert outs[0].token_ids != alone(tiny_paths["qwen2"], PROMPTS[:1])[0]
+
+
+def test_catch_up_kv_equals_fresh_prefill(tiny_paths):
+    r = r2r(tiny_paths)
+    seq = r.add_request("a", list(range(5, 19)), GREEDY, decider="forced", threshold=0.7, cache_salt="a")
+    while seq.num_output < 11:
+        r.engine.step()
+    shadow = r.engine.requests["a/llm"]
+    assert shadow.num_computed == len(shadow.token_ids) > 14
+    ours = r.engine.export_kv("a/llm")
+    fresh = make_engine(tiny_paths["llama"])
+    fresh.add_request("f", list(shadow.token_ids), GREEDY, model="m", sample=False)
+    while fresh.has_work:
+        fresh.step()
+    ref = fresh.export_kv("f")
+    torch.testing.assert_close(ours.k, ref.k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.v, ref.v, atol=1e-5, rtol=1e-5)
+
+
+def test_temperature_sampling_is_seeded_and_mixed(tiny_paths):
+    params = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True)
+    a = r2r(tiny_paths).generate(PROMPTS, params, decider="random", threshold=0.6)
+    b = r2r(tiny_paths).generate(PROMPTS, params, decider="random", threshold=0.6)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    sources = [s for o in a for s in o.sources]
+    assert 0 < sources.count("llm") < len(sources)
+
+
+def test_abort_frees_both_pools(tiny_paths):
+    r = r2r(tiny_paths)
+    r.add_request("x", list(range(5, 30)), SamplingParams(max_tokens=50, temperature=0), decider="forced", threshold=0.5)
+    for _ in range(6):
+        r.engine.step()
+    assert "x/llm" in r.engine.requests
+    r.engine.abort("x")
+    r.engine.step()
+    assert not r.engine.requests and not r.states and not r.shadows
+    assert all(s["free_blocks"] == s["num_blocks"] for s in r.engine.stats().values())
+
+
+def test_bad_route_parameters(tiny_paths):
+    r = r2r(tiny_paths)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(InvalidRequestError, match="threshold"):
+            r.add_request("b", [5, 6], GREEDY, threshold=bad)
+    with pytest.raises(InvalidRequestError, match="decider"):
+        r.add_request("b", [5, 6], GREEDY, decider="oracle")
+    assert not r.states
+
+
+def test_router_checkpoint_round_trip_and_size_check(tiny_paths, tmp_path):
+    engine = pair_engine(tiny_paths)
+    router = tiny_router(engine)
+    router.save(tmp_path / "router")
+    emb = engine.models["slm"].runner.model.model.embed_tokens.weight
+    loaded = Router.load(tmp_path / "router", emb, slm_hidden_size=64)
+    h, lg, tok = torch.randn(3, 64), torch.randn(3, 384), torch.tensor([1, 2, 3])
+    torch.testing.assert_close(loaded.prob(h, tok, lg), router.prob(h, tok, lg))
+    with pytest.raises(RouterCheckpointError, match="hidden size 64.*hidden size is 896"):
+        Router.load(tmp_path / "router", emb, slm_hidden_size=896)
+    with pytest.raises(RouterCheckpointError, match="missing"):
+        Router.load(tmp_path / "nothing", emb)
