@@ -4,6 +4,7 @@ Threshold 0 always fires and 1 never does, whatever the score."""
 from __future__ import annotations
 
 import math
+
 import torch
 
 from routing.router import Router

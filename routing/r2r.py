@@ -13,14 +13,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 
 from routing.deciders import Decider
 from tandem.errors import InvalidRequestError
-from workers.engine import Engine, PolicyDecision, RequestOutput, SamplingParams, StepOutput, StepView
+from workers.engine import (
+    Engine,
+    PolicyDecision,
+    RequestOutput,
+    SamplingParams,
+    StepOutput,
+    StepView,
+)
 from workers.engine.sequence import Priority, Sequence
 
 

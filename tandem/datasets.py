@@ -79,7 +79,7 @@ def extract_answer(text: str) -> str | None:
     numbers = _NUMBER.findall(scope)
     if not numbers:
         return None
-    return normalize_number((numbers[0] if scope is not text else numbers[-1]))
+    return normalize_number(numbers[0] if scope is not text else numbers[-1])
 
 
 def is_correct(text: str, item: MathItem) -> bool:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 
@@ -17,7 +17,7 @@ from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.model_runner import ModelRunner
 from workers.engine.outputs import KVSlice, RequestOutput, StepOutput
 from workers.engine.policy import PolicyDecision, StepView, TokenPolicy
-from workers.engine.postprocess import finish_output, append_token
+from workers.engine.postprocess import append_token, finish_output
 from workers.engine.sampler import Sampler
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import Scheduler
