@@ -104,6 +104,31 @@ def check_family(family: str, path: Path) -> dict:
     return res
 
 
+def check_r2r(slm_path: Path, llm_path: Path) -> dict:
+    """R2R co-located on CUDA: never-route equals the SLM alone, always-route the LLM alone (graphs on,
+    so catch-up extends run as graph rows), and a mixed share equals the CPU path."""
+    from routing.deciders import ForcedDecider
+    from routing.r2r import R2R
+    from workers.engine import Engine, EngineConfig, ModelConfig, SamplingParams
+
+    def pair(device):
+        models = [ModelConfig(n, str(p), dtype="float32", device=device, kv_cache_mb=256, max_graph_batch=64)
+                  for n, p in (("slm", slm_path), ("llm", llm_path))]
+        return R2R(Engine(EngineConfig(models)), "slm", "llm", [ForcedDecider()])
+
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 384, (n,), generator=g).tolist() for n in (7, 40, 1, 90)]
+    greedy = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    r = pair("cuda")
+    res = {}
+    for name, path, t in (("slm", slm_path, 1.0), ("llm", llm_path, 0.0)):
+        alone = [o.token_ids for o in engine(path, "cuda", "float32").generate(prompts, greedy)]
+        res[f"{name}_only_equal"] = [o.token_ids for o in r.generate(prompts, greedy, threshold=t)] == alone
+    mixed = [o.token_ids for o in r.generate(prompts, greedy, threshold=0.8)]
+    res["mixed_cuda_equals_cpu"] = mixed == [o.token_ids for o in pair("cpu").generate(prompts, greedy, threshold=0.8)]
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -129,6 +154,14 @@ def main() -> None:
                 report[family] = {"error": repr(e), "trace": traceback.format_exc()[-2000:]}
             report[family]["seconds"] = round(time.time() - t1, 1)
             print(json.dumps({family: report[family]}), file=sys.stderr, flush=True)
+            if family == "qwen2":
+                try:
+                    report["r2r"] = check_r2r(make_model("qwen2", Path(tmp) / "r2r"), make_model("qwen3", Path(tmp) / "r2r"))
+                except Exception as e:
+                    import traceback
+
+                    report["r2r"] = {"error": repr(e), "trace": traceback.format_exc()[-2000:]}
+                print(json.dumps({"r2r": report["r2r"]}), file=sys.stderr, flush=True)
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:

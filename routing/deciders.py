@@ -1,5 +1,6 @@
 """Per-token deciders for R2R: which rows of an SLM step go to the LLM. Each takes the step and a
-per-row threshold in [0, 1] and returns a boolean mask on the step's device, batched over rows.
+per-row threshold in [0, 1] and returns a boolean mask on the host; scores are computed batched on
+the step's device.
 Threshold 0 always fires and 1 never does, whatever the score."""
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ class Decider:
         raise NotImplementedError
 
     def decide(self, step: StepView, thresholds: torch.Tensor) -> torch.Tensor:
-        scores = self.scores(step)
-        t = thresholds.to(scores.device)
-        return torch.where(t <= 0, True, torch.where(t >= 1, False, scores >= t))
+        """On the host: the scores come back in one transfer, the step's only wait for the device."""
+        scores = self.scores(step).float().cpu()
+        return torch.where(thresholds <= 0, True, torch.where(thresholds >= 1, False, scores >= thresholds))
 
 
 class RouterDecider(Decider):
@@ -60,7 +61,7 @@ class RandomDecider(Decider):
         self.generator = torch.Generator().manual_seed(seed)
 
     def scores(self, step: StepView) -> torch.Tensor:
-        return torch.rand(len(step.seqs), generator=self.generator).to(step.logits.device)
+        return torch.rand(len(step.seqs), generator=self.generator)
 
 
 class ForcedDecider(Decider):
@@ -74,7 +75,7 @@ class ForcedDecider(Decider):
         shares = (1 - thresholds.clamp(0, 1)).tolist()
         n = [s.num_output for s in step.seqs]
         fire = [math.floor((k + 1) * p + 1e-9) > math.floor(k * p + 1e-9) for k, p in zip(n, shares)]
-        return torch.tensor(fire, device=step.logits.device)
+        return torch.tensor(fire)
 
 
 BASELINES: dict[str, type[Decider]] = {d.name: d for d in (EntropyDecider, RandomDecider, ForcedDecider)}

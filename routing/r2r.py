@@ -124,7 +124,7 @@ class R2R:
         for name, idx in by_decider.items():
             sub = _rows(step, idx)
             thresholds = torch.tensor([self.states[s.request_id].threshold for s in sub.seqs])
-            fire[idx] = self.deciders[name].decide(sub, thresholds).cpu()
+            fire[idx] = self.deciders[name].decide(sub, thresholds)
         fired = fire.tolist()
         router_s = (time.perf_counter() - t0) / len(rows)
         for i in rows:

@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from workers.engine.scheduler import ScheduledSeq
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+MAX_EXTEND_ROWS = 32
+MAX_EXTEND_KV_READS = 1 << 16
 
 
 class DecodeGraphs:
@@ -39,8 +41,12 @@ class DecodeGraphs:
         for b in reversed(self.buckets):
             self._capture(b)
 
-    def fits(self, batch: int) -> bool:
-        return batch <= self.buckets[-1]
+    def fits(self, batch: list[ScheduledSeq]) -> bool:
+        """Decode rows, and short extends counted one row per token."""
+        extends = [s for s in batch if s.num_new > 1]
+        return (all(s.num_new <= MAX_EXTEND_ROWS for s in extends)
+                and sum(s.num_new * (s.start + s.num_new) for s in extends) <= MAX_EXTEND_KV_READS
+                and sum(s.num_new for s in batch) <= self.buckets[-1])
 
     def _meta(self, b: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -64,16 +70,19 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
-        n = len(batch)
+        """One row per new token. A sequence with several new tokens (a short catch-up extend) becomes
+        one decode row per token, each attending up to its own position: every row's K/V is stored
+        before any row attends, so the rows see exactly the causal prefix."""
+        rows = [(s.seq, p) for s in batch for p in range(s.start, s.start + s.num_new)]
+        n = len(rows)
         b = next(x for x in self.buckets if x >= n)
         bs = self.runner.block_size
         ids, pos, slots, lens = [], [], [], []
         table_np = self._table.numpy()
-        for i, s in enumerate(batch):
-            p = s.start
-            ids.append(s.seq.token_ids[p])
+        for i, (seq, p) in enumerate(rows):
+            ids.append(seq.token_ids[p])
             pos.append(p)
-            table = s.seq.block_table
+            table = seq.block_table
             slots.append(table[p // bs] * bs + p % bs)
             lens.append(p + 1)
             owner, written = self._rows[i]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 
@@ -50,7 +51,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq], sample_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward the batch's new tokens; return the last hidden state and logits of `sample_rows`."""
-        if self.graphs is not None and all(s.num_new == 1 for s in batch) and self.graphs.fits(len(batch)):
+        if self.graphs is not None and self.graphs.fits(batch):
             hidden = self.graphs.run(batch)
         else:
             ids = [t for s in batch for t in s.seq.token_ids[s.start : s.start + s.num_new]]
@@ -59,9 +60,15 @@ class ModelRunner:
                 self.block_size, self.device, self.num_splits(len(batch)),
             )
             hidden = self.model(torch.tensor(ids, dtype=torch.long).to(self.device), self.forward_batch(meta))
-        last = torch.tensor([s.num_new for s in batch]).cumsum(0) - 1
-        rows = hidden[last[torch.tensor(sample_rows, dtype=torch.long)].to(self.device)]
+        ends = list(itertools.accumulate(s.num_new for s in batch))
+        idx = [ends[i] - 1 for i in sample_rows]
+        rows = hidden if idx == list(range(hidden.shape[0])) else hidden[self._device_index(idx)]
         return rows, self.model.logits(rows)
+
+    def _device_index(self, idx: list[int]) -> torch.Tensor:
+        """A pinned host copy, so the transfer does not wait for the GPU."""
+        host = torch.tensor(idx, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        return host.to(self.device, non_blocking=True)
 
     def num_splits(self, batch: int) -> int:
         if self.device.type != "cuda":

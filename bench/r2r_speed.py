@@ -1,0 +1,159 @@
+"""R2R speed beside LLM-only (and SLM-only), co-located in one engine, in one run.
+
+GPU: random bf16 weights at real shapes (SLM 0.5B or 1.5B, LLM 7B); the real router network (paper size,
+random weights) scores every token, but its decision is forced to fire on an exact share of tokens.
+CPU: the real Qwen2.5-Coder 0.5B + 1.5B pair in bf16, same forcing.
+
+Per request: decode tokens/s after the first token (1 / per-token time); aggregate: batch x that.
+
+    python bench/r2r_speed.py --device cuda [--slm qwen2.5-0.5b] [--out DIR]
+    python bench/r2r_speed.py --device cpu --batches 1,8 --tokens 48
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+
+from routing.deciders import ForcedDecider, RouterDecider  # noqa: E402
+from routing.r2r import R2R  # noqa: E402
+from routing.router import Router, RouterConfig  # noqa: E402
+from workers.engine import Engine, EngineConfig, ModelConfig, SamplingParams  # noqa: E402
+
+
+class ForcedRouter(RouterDecider):
+    """Runs the router network on every row (its cost is real) and fires on the forced share."""
+
+    name = "forced_router"
+
+    def decide(self, step, thresholds):
+        self.scores(step)
+        return ForcedDecider().decide(step, thresholds)
+
+
+def random_model(shape: str, device: str):
+    from decode_step_gpu import NullTokenizer, config
+
+    from workers.models import LoadedModel
+    from workers.models.decoder import CausalLM
+    from workers.models.spec import ModelSpec
+
+    spec = ModelSpec.from_hf_config(config(shape))
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = CausalLM(spec).eval()
+    torch.set_default_dtype(torch.float32)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    return LoadedModel(model, spec, NullTokenizer(), Path(shape), torch.bfloat16)
+
+
+def build(args) -> R2R:
+    if args.device == "cuda":
+        preloaded = {"slm": random_model(args.slm, "cuda"), "llm": random_model(args.llm, "cuda")}
+        paths = {"slm": args.slm, "llm": args.llm}
+    else:
+        preloaded = None
+        paths = {"slm": args.slm_path, "llm": args.llm_path}
+    kv = {"slm": args.slm_kv_mb, "llm": args.llm_kv_mb}
+    models = [ModelConfig(n, paths[n], dtype="bfloat16", device=args.device, kv_cache_mb=kv[n]) for n in ("slm", "llm")]
+    engine = Engine(EngineConfig(models, max_num_seqs=256, max_num_batched_tokens=8192), preloaded=preloaded)
+    slm = engine.models["slm"].runner
+    torch.manual_seed(0)
+    config = RouterConfig(hidden_size=slm.spec.hidden_size, top_k=100, width=args.router_width, depth=args.router_depth)
+    router = Router(config, slm.model.model.embed_tokens.weight).to(slm.device).eval()
+    return R2R(engine, "slm", "llm", [ForcedRouter(router)])
+
+
+def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: float = 0.0, seed: int = 0) -> dict:
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True, detokenize=False)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(100, 20000, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    if kind == "r2r":
+        outs = r2r.generate(prompts, params, threshold=1.0 - share)
+    else:
+        outs = r2r.engine.generate(prompts, params, model=kind)
+    sync()
+    wall = time.perf_counter() - t0
+    per_token = statistics.mean(o.timings["per_token_s"] for o in outs)
+    row = {"kind": kind, "batch": batch, "tokens": tokens, "prompt_len": prompt_len,
+           "per_request_tok_s": round(1 / per_token, 2), "aggregate_tok_s": round(batch / per_token, 1),
+           "wall_s": round(wall, 3)}
+    if kind == "r2r":
+        row["forced_share"] = share
+        row["llm_token_share"] = round(sum(o.stats["llm_tokens"] for o in outs) / sum(len(o.token_ids) for o in outs), 4)
+        row["router_ms_per_token"] = round(1e3 * sum(o.stats["router_s"] for o in outs) / (batch * tokens), 4)
+        row["llm_ms_per_token"] = round(1e3 * sum(o.stats["llm_s"] for o in outs) / (batch * tokens), 4)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--slm", default="qwen2.5-0.5b")
+    ap.add_argument("--llm", default="qwen2.5-7b")
+    ap.add_argument("--slm-path", default="qwen2.5-coder-0.5b-instruct")
+    ap.add_argument("--llm-path", default="qwen2.5-coder-1.5b-instruct")
+    ap.add_argument("--slm-kv-mb", type=float, default=4096)
+    ap.add_argument("--llm-kv-mb", type=float, default=16384)
+    ap.add_argument("--router-width", type=int, default=1024)
+    ap.add_argument("--router-depth", type=int, default=6)
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--shares", default="0.05,0.13,0.25")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--profile", action="store_true", help="cProfile one batch-1 R2R run at 13%%")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.device == "cpu":
+        from tandem.assets import resolve
+
+        args.slm_path, args.llm_path = str(resolve(args.slm_path)), str(resolve(args.llm_path))
+        args.slm_kv_mb, args.llm_kv_mb = min(args.slm_kv_mb, 256), min(args.llm_kv_mb, 512)
+        args.slm, args.llm = Path(args.slm_path).name, Path(args.llm_path).name
+    r2r = build(args)
+    report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+              "torch": torch.__version__, "slm": args.slm, "llm": args.llm, "rows": []}
+    shares = [float(s) for s in args.shares.split(",")]
+    for batch in (int(b) for b in args.batches.split(",")):
+        for kind, share in [("llm", 0.0), ("slm", 0.0)] + [("r2r", s) for s in shares]:
+            run(r2r, kind, batch, args.tokens, args.prompt_len, share, seed=1)  # warm-up: kernel variants compile
+            row = run(r2r, kind, batch, args.tokens, args.prompt_len, share, seed=2 + len(report["rows"]))
+            report["rows"].append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    if args.profile:
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        run(r2r, "r2r", 1, args.tokens, args.prompt_len, 0.13)
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+        report["profile_r2r_b1"] = buf.getvalue()[-6000:]
+    llm = {r["batch"]: r for r in report["rows"] if r["kind"] == "llm"}
+    for r in report["rows"]:
+        r["speedup_per_request_vs_llm"] = round(r["per_request_tok_s"] / llm[r["batch"]]["per_request_tok_s"], 2)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"r2r_speed_{args.device}.json").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""`tandem r2r label`: R2R path-following labels on GSM8K. Stages, each resumable per item under `out`:
+answers (LLM greedy) -> teacher forcing (SLM features, mismatches) -> judge (continuations, verdicts)."""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from routing import features as feats
+from routing.judge import Case, CostBook, JudgeContext, StageCost, make_judge
+from routing.teacher_force import teacher_force
+from tandem.datasets import MathItem, gsm8k, gsm8k_messages
+from tandem.errors import TandemError
+from workers.chat import encode, render
+from workers.engine import Engine, EngineConfig, ModelConfig, SamplingParams
+
+MANIFEST, ANSWERS, TEACHER, LABELS, STATS = "manifest.json", "answers.jsonl", "teacher.jsonl", "labels.jsonl", "stats.json"
+CATEGORIES = ("identical", "neutral", "divergent", "dropped", "capped")
+
+
+class LabelError(TandemError):
+    """A label job that cannot run as configured (another model pair in its directory, mismatched tokenizers)."""
+
+
+@dataclass
+class LabelConfig:
+    slm: str
+    llm: str
+    out: str
+    data: str | None = None
+    start: int = 0
+    stop: int = 800
+    judge: str = "llm"
+    max_new_tokens: int = 256
+    continuation_tokens: int = 32
+    max_mismatches_per_item: int = 32
+    batch_items: int = 16
+    top_k: int = 100
+    dtype: str = "auto"
+    kv_cache_mb: float = 512.0
+    token_budget: int = 4096
+
+    def fixed(self) -> dict:
+        """What must not change between runs on one directory (the item range may grow)."""
+        keep = ("slm", "llm", "data", "judge", "max_new_tokens", "continuation_tokens",
+                "max_mismatches_per_item", "top_k", "dtype")
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def append_jsonl(path: Path, rows: list[dict]) -> None:
+    lead = "\n" if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n") else ""
+    with path.open("a") as f:
+        f.write(lead + "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def check_manifest(cfg: LabelConfig, out: Path) -> None:
+    path = out / MANIFEST
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in cfg.fixed().items() if old.get(k) != v}
+        if diff:
+            detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            raise LabelError(f"{out} holds labels made with another configuration ({detail}); "
+                             "use another --out directory")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg.fixed(), indent=2))
+
+
+def cap(positions: list[int], limit: int) -> list[int]:
+    """At most `limit` positions, spread evenly over the response."""
+    if len(positions) <= limit:
+        return positions
+    picks = sorted({round(k * (len(positions) - 1) / max(limit - 1, 1)) for k in range(limit)})
+    return [positions[i] for i in picks]
+
+
+class LabelJob:
+    def __init__(self, cfg: LabelConfig, echo: Callable[[str], None] = print):
+        self.cfg, self.echo = cfg, echo
+        self.out = Path(cfg.out)
+        self.cost = CostBook()
+        self.engine: Engine | None = None
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        items = gsm8k(cfg.start, cfg.stop, cfg.data)
+        check_manifest(cfg, self.out)
+        for stage, path, fn in (("answers", ANSWERS, self._answers), ("teacher forcing", TEACHER, self._teacher),
+                                ("judge", LABELS, self._judge)):
+            done = {r["index"] for r in read_jsonl(self.out / path)}
+            todo = [it for it in items if it.index not in done]
+            self.echo(f"{stage}: {len(items) - len(todo)} of {len(items)} items already done, {len(todo)} to go")
+            if stage == "teacher forcing":
+                for p in feats.drop_orphans(self.out, done):
+                    self.echo(f"removed {p.name}, left by an interrupted run")
+            if todo:
+                self._run_stage(stage, todo, fn)
+        return self.finish()
+
+    def _run_stage(self, stage: str, todo: list[MathItem], fn) -> None:
+        if self.engine is None:
+            self.engine = self._engine()
+        chunks = [todo[i : i + self.cfg.batch_items] for i in range(0, len(todo), self.cfg.batch_items)]
+        with tqdm(total=len(todo), desc=stage, unit="item") as bar:
+            for chunk in chunks:
+                fn(chunk)
+                bar.update(len(chunk))
+
+    def _engine(self) -> Engine:
+        cfg = self.cfg
+        models = [ModelConfig(name, path, dtype=cfg.dtype, kv_cache_mb=cfg.kv_cache_mb)
+                  for name, path in (("slm", cfg.slm), ("llm", cfg.llm))]
+        engine = Engine(EngineConfig(models))
+        slm, llm = engine.model("slm").tokenizer, engine.model("llm").tokenizer
+        if slm.get_vocab() != llm.get_vocab():
+            raise LabelError(f"the SLM ({cfg.slm}) and the LLM ({cfg.llm}) do not share one tokenizer")
+        return engine
+
+    def _answers(self, chunk: list[MathItem]) -> None:
+        tok = self.engine.model("llm").tokenizer
+        prompts = [encode(tok, render(tok, gsm8k_messages(it), True)) for it in chunk]
+        t0 = time.perf_counter()
+        outs = self.engine.generate(prompts, SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=0),
+                                    model="llm")
+        self.cost.record("answers", outs, time.perf_counter() - t0)
+        append_jsonl(self.out / ANSWERS, [
+            {"index": it.index, "prompt": p, "response": o.token_ids, "finish_reason": o.finish_reason, "text": o.text}
+            for it, p, o in zip(chunk, prompts, outs)])
+
+    def _answer_rows(self, chunk: list[MathItem]) -> list[dict]:
+        by_index = {r["index"]: r for r in read_jsonl(self.out / ANSWERS)}
+        return [by_index[it.index] for it in chunk]
+
+    def _teacher(self, chunk: list[MathItem]) -> None:
+        rows = self._answer_rows(chunk)
+        t0 = time.perf_counter()
+        forced = teacher_force(self.engine.model("slm"), [r["prompt"] for r in rows], [r["response"] for r in rows],
+                               self.cfg.top_k, self.cfg.token_budget)
+        stage = self.cost.stage("teacher_forcing")
+        stage.seconds += time.perf_counter() - t0
+        stage.requests += len(rows)
+        stage.prefill_tokens += sum(len(r["prompt"]) + len(r["response"]) for r in rows)
+        parts, lines = [], []
+        for r, f in zip(rows, forced):
+            target = torch.tensor(r["response"], dtype=torch.long)
+            n = f.num_tokens
+            parts.append(feats.Features(f.hidden.half(), f.argmax, f.topk, target, torch.full((n,), r["index"]),
+                                        torch.arange(n)))
+            miss = (f.argmax != target).nonzero().flatten().tolist()
+            lines.append({"index": r["index"], "num_tokens": n,
+                          "mismatches": [[p, int(f.argmax[p])] for p in miss]})
+        feats.write_shard(self.out, feats.Features.cat(parts))
+        append_jsonl(self.out / TEACHER, lines)
+
+    def _judge(self, chunk: list[MathItem]) -> None:
+        cfg = self.cfg
+        answers = self._answer_rows(chunk)
+        teacher = {r["index"]: r for r in read_jsonl(self.out / TEACHER)}
+        cases, lines = [], []
+        for it, a in zip(chunk, answers):
+            t = teacher[it.index]
+            chosen = cap([p for p, _ in t["mismatches"]], cfg.max_mismatches_per_item)
+            slm_token = {p: s for p, s in t["mismatches"]}
+            cases += [Case(it, a["prompt"], a["response"], p, slm_token[p]) for p in chosen]
+            lines.append({"index": it.index, "num_tokens": t["num_tokens"], "mismatches": [p for p, _ in t["mismatches"]],
+                          "neutral": [], "divergent": [], "dropped": [],
+                          "capped": sorted(set(slm_token) - set(chosen)), "cases": []})
+        ctx = JudgeContext(self.engine, "llm", self.cost, cfg.continuation_tokens, cfg.max_new_tokens)
+        verdicts = make_judge(cfg.judge, ctx)(cases) if cases else []
+        by_index = {line["index"]: line for line in lines}
+        for case, v in zip(cases, verdicts):
+            line = by_index[case.item.index]
+            line[{None: "dropped", 0: "neutral", 1: "divergent"}[v.label]].append(case.pos)
+            line["cases"].append(v.detail)
+        append_jsonl(self.out / LABELS, lines)
+
+    def finish(self) -> dict:
+        stats = label_stats(read_jsonl(self.out / LABELS))
+        old = json.loads((self.out / STATS).read_text()) if (self.out / STATS).is_file() else {}
+        total: dict[str, StageCost] = {k: StageCost(**v) for k, v in old.get("cost", {}).items()}
+        for name, s in self.cost.stages.items():
+            total.setdefault(name, StageCost()).add(s)
+        result = {
+            "labels": stats,
+            "cost": {k: asdict(v) for k, v in total.items()},
+            "cost_total": _sum_costs(total.values()),
+            "this_run": {k: asdict(v) for k, v in self.cost.stages.items()},
+            "config": asdict(self.cfg),
+        }
+        (self.out / STATS).write_text(json.dumps(result, indent=2))
+        self.echo(format_stats(result))
+        return result
+
+
+def _sum_costs(costs) -> dict:
+    total = StageCost()
+    for c in costs:
+        total.add(c)
+    return asdict(total)
+
+
+def label_stats(lines: list[dict]) -> dict:
+    counts = dict.fromkeys(CATEGORIES, 0)
+    for line in lines:
+        counts["identical"] += line["num_tokens"] - len(line["mismatches"])
+        for k in CATEGORIES[1:]:
+            counts[k] += len(line[k])
+    tokens = sum(line["num_tokens"] for line in lines)
+    return {"items": len(lines), "tokens": tokens, "counts": counts,
+            "shares": {k: (v / tokens if tokens else 0.0) for k, v in counts.items()}}
+
+
+def format_stats(result: dict) -> str:
+    lab = result["labels"]
+    rows = [f"labels: {lab['items']} items, {lab['tokens']} response tokens"]
+    rows += [f"  {k:<10} {lab['counts'][k]:>8}  {lab['shares'][k]:7.2%}" for k in CATEGORIES]
+    rows.append("cost (all runs):")
+    for name, c in list(result["cost"].items()) + [("total", result["cost_total"])]:
+        rows.append(f"  {name:<16} prefill {c['prefill_tokens']:>9}  generated {c['generated_tokens']:>8}  "
+                    f"{c['seconds']:8.1f} s  ({c['requests']} requests)")
+    return "\n".join(rows)
+
+
+def run_label_job(cfg: LabelConfig, echo: Callable[[str], None] = print) -> dict:
+    return LabelJob(cfg, echo).run()

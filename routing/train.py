@@ -1,0 +1,230 @@
+"""`tandem r2r train`: fit the router on labels from `tandem r2r label` (weighted BCE, early stopping on
+validation loss), then calibrate its threshold at a target recall of divergent tokens."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from routing.features import Features, load_features
+from routing.labels import LABELS, MANIFEST, read_jsonl
+from routing.router import Router, RouterConfig
+from tandem.errors import TandemError
+
+GRID = [round(0.01 * i, 2) for i in range(1, 100)]
+
+
+class TrainError(TandemError):
+    """Labels that cannot train a router (none divergent, too few items, another SLM)."""
+
+
+@dataclass
+class TrainConfig:
+    labels: str
+    slm: str
+    out: str
+    width: int = 256
+    depth: int = 2
+    dropout: float = 0.1
+    lr: float = 5e-5
+    weight_decay: float = 5e-4
+    batch: int = 1024
+    epochs: int = 50
+    patience: int = 10
+    target_recall: float = 0.95
+    val_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class Dataset:
+    feats: Features
+    y: torch.Tensor        # [N] float, 1 = divergent
+
+
+def load_dataset(labels_dir: str | Path) -> Dataset:
+    """Rows with a label: identical and neutral (0), divergent (1); dropped and capped ones are left out."""
+    lines = read_jsonl(Path(labels_dir) / LABELS)
+    feats = load_features(labels_dir)
+    if not lines or feats is None:
+        raise TrainError(f"{labels_dir} holds no finished labels; run `tandem r2r label --out {labels_dir}` first")
+    label: dict[tuple[int, int], int] = {}
+    for line in lines:
+        excluded = set(line["dropped"]) | set(line["capped"])
+        for p in range(line["num_tokens"]):
+            if p not in excluded:
+                label[(line["index"], p)] = 0
+        for p in line["divergent"]:
+            label[(line["index"], p)] = 1
+    keys = zip(feats.item.tolist(), feats.pos.tolist())
+    y = torch.tensor([label.get(k, -1) for k in keys], dtype=torch.float32)
+    keep = y >= 0
+    return Dataset(feats.select(keep), y[keep])
+
+
+def split_by_item(items: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    unique = items.unique()
+    if len(unique) < 2:
+        raise TrainError(f"labels of {len(unique)} item(s) cannot be split into training and validation; label more items")
+    order = unique[torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed))]
+    n_val = min(len(unique) - 1, max(1, round(fraction * len(unique))))
+    val = torch.isin(items, order[:n_val])
+    return ~val, val
+
+
+def slm_embedding(path: str | Path) -> torch.Tensor:
+    """The SLM's input embedding table, read from its safetensors without loading the model."""
+    path = Path(path)
+    for f in sorted(path.glob("*.safetensors")) if path.is_dir() else []:
+        with safe_open(str(f), "pt") as s:
+            for key in s.keys():
+                if key.endswith("embed_tokens.weight"):
+                    return s.get_tensor(key).float()
+    from workers.models import load_model
+
+    return load_model(path, "float32").model.model.embed_tokens.weight.detach()
+
+
+def calibrate(probs: torch.Tensor, y: torch.Tensor, target: float) -> dict:
+    """Over GRID: recall of divergent tokens and the share sent to the LLM; the chosen threshold is the one
+    with the lowest share among those reaching the target recall (the lowest threshold if none does)."""
+    positives = y.bool()
+    recall, share = [], []
+    for t in GRID:
+        pred = probs >= t
+        recall.append(float((pred & positives).sum() / max(int(positives.sum()), 1)))
+        share.append(float(pred.float().mean()))
+    ok = [i for i, r in enumerate(recall) if r >= target]
+    best = min(ok, key=lambda i: (share[i], -GRID[i])) if ok else 0
+    return {"threshold": GRID[best], "target_recall": target, "recall": recall[best], "llm_share": share[best],
+            "reached": bool(ok), "curve": {"threshold": GRID, "recall": recall, "llm_share": share}}
+
+
+def plot(calibration: dict, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = calibration["curve"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(curve["threshold"], curve["recall"], label="recall (divergent)")
+    ax.plot(curve["threshold"], curve["llm_share"], label="LLM-token share")
+    ax.axhline(calibration["target_recall"], color="grey", linestyle=":", linewidth=1)
+    ax.axvline(calibration["threshold"], color="red", linestyle="--", linewidth=1,
+               label=f"threshold {calibration['threshold']:.2f}")
+    ax.set(xlabel="threshold", ylabel="fraction", ylim=(0, 1.02))
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data: Dataset, embedding: torch.Tensor, echo: Callable[[str], None]):
+        self.cfg, self.data, self.embedding, self.echo = cfg, data, embedding, echo
+
+    def inputs(self, idx: torch.Tensor):
+        f = self.data.feats
+        return f.hidden[idx].float(), self.embedding[f.token[idx]].float(), f.topk[idx].float()
+
+    def loss_over(self, router: Router, idx: torch.Tensor, loss_fn) -> tuple[float, torch.Tensor]:
+        router.eval()
+        logits = []
+        with torch.no_grad():
+            for at in range(0, len(idx), self.cfg.batch):
+                logits.append(router(*self.inputs(idx[at : at + self.cfg.batch])))
+        logits = torch.cat(logits) if logits else torch.zeros(0)
+        return float(loss_fn(logits, self.data.y[idx])), torch.sigmoid(logits)
+
+    def fit(self, router: Router, train_idx: torch.Tensor, val_idx: torch.Tensor, pos_weight: float) -> list[dict]:
+        cfg = self.cfg
+        loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
+        opt = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        best, best_state, since, history = math.inf, copy.deepcopy(router.state_dict()), 0, []
+        steps = math.ceil(len(train_idx) / cfg.batch)
+        for epoch in range(1, cfg.epochs + 1):
+            router.train()
+            order = train_idx[torch.randperm(len(train_idx), generator=gen)]
+            total = 0.0
+            for at in tqdm(range(0, len(order), cfg.batch), total=steps, desc=f"epoch {epoch}", leave=False,
+                           disable=steps < 4):
+                idx = order[at : at + cfg.batch]
+                loss = loss_fn(router(*self.inputs(idx)), self.data.y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+            val_loss, _ = self.loss_over(router, val_idx, loss_fn)
+            improved = val_loss < best
+            if improved:
+                best, best_state, since = val_loss, copy.deepcopy(router.state_dict()), 0
+            else:
+                since += 1
+            history.append({"epoch": epoch, "train_loss": total / len(order), "val_loss": val_loss})
+            self.echo(f"epoch {epoch:>3}/{cfg.epochs}  train loss {total / len(order):.4f}  "
+                      f"val loss {val_loss:.4f}{'  (best)' if improved else ''}")
+            if since >= cfg.patience:
+                self.echo(f"early stop: no better validation loss for {cfg.patience} epochs")
+                break
+        router.load_state_dict(best_state)
+        return history
+
+
+def train_router(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict:
+    data = load_dataset(cfg.labels)
+    manifest = json.loads((Path(cfg.labels) / MANIFEST).read_text()) if (Path(cfg.labels) / MANIFEST).is_file() else {}
+    if manifest.get("slm") and Path(manifest["slm"]).resolve() != Path(cfg.slm).resolve():
+        echo(f"warning: the labels were made with SLM {manifest['slm']}, training with {cfg.slm}")
+    n1 = int(data.y.sum())
+    if n1 == 0:
+        raise TrainError(f"no divergent labels in {cfg.labels} ({len(data.y)} labelled tokens): nothing to learn; "
+                         "label more items (a wider --items range) or use another judge")
+    embedding = slm_embedding(cfg.slm)
+    hidden_size = data.feats.hidden.shape[1]
+    if embedding.shape[1] != hidden_size:
+        raise TrainError(f"the labels hold hidden states of size {hidden_size}, but {cfg.slm} has size {embedding.shape[1]}")
+    train_mask, val_mask = split_by_item(data.feats.item, cfg.val_fraction, cfg.seed)
+    train_idx, val_idx = train_mask.nonzero().flatten(), val_mask.nonzero().flatten()
+    t1 = int(data.y[train_idx].sum())
+    if t1 == 0:
+        raise TrainError(f"the training split of {cfg.labels} has no divergent labels ({n1} in all); label more items")
+    pos_weight = (len(train_idx) - t1) / t1
+    echo(f"{len(data.y)} labelled tokens ({n1} divergent) from {len(data.feats.item.unique())} items; "
+         f"train {len(train_idx)}, validation {len(val_idx)}; pos_weight {pos_weight:.2f}")
+    torch.manual_seed(cfg.seed)
+    rcfg = RouterConfig(hidden_size=hidden_size, top_k=data.feats.topk.shape[1], width=cfg.width, depth=cfg.depth,
+                        dropout=cfg.dropout, slm=Path(manifest.get("slm", cfg.slm)).name,
+                        llm=Path(manifest.get("llm", "")).name)
+    router = Router(rcfg, embedding)
+    trainer = Trainer(cfg, data, embedding, echo)
+    history = trainer.fit(router, train_idx, val_idx, pos_weight)
+    calib_idx, calib_set = val_idx, "validation"
+    if int(data.y[val_idx].sum()) == 0:
+        echo("warning: the validation split has no divergent labels; calibrating on all labelled tokens")
+        calib_idx, calib_set = torch.arange(len(data.y)), "all"
+    _, probs = trainer.loss_over(router, calib_idx, nn.BCEWithLogitsLoss())
+    calibration = calibrate(probs, data.y[calib_idx], cfg.target_recall)
+    calibration.update(set=calib_set, tokens=len(calib_idx), positives=int(data.y[calib_idx].sum()))
+    if not calibration["reached"]:
+        echo(f"warning: no threshold reaches recall {cfg.target_recall}; using {calibration['threshold']}")
+    rcfg.threshold, rcfg.calibration = calibration["threshold"], calibration
+    out = router.save(cfg.out)
+    plot(calibration, out / "calibration.png", f"router {rcfg.slm} -> {rcfg.llm}")
+    summary = {"config": asdict(cfg), "history": history, "threshold": rcfg.threshold,
+               "recall": calibration["recall"], "llm_share": calibration["llm_share"]}
+    (out / "train.json").write_text(json.dumps(summary, indent=2))
+    echo(f"threshold {rcfg.threshold:.2f}: recall {calibration['recall']:.3f}, LLM-token share "
+         f"{calibration['llm_share']:.3f} on {calib_set} ({calibration['tokens']} tokens); saved to {out}")
+    return summary

