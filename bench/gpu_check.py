@@ -124,6 +124,17 @@ def check_r2r(slm_path: Path, llm_path: Path) -> dict:
     for name, path, t in (("slm", slm_path, 1.0), ("llm", llm_path, 0.0)):
         alone = [o.token_ids for o in engine(path, "cuda", "float32").generate(prompts, greedy)]
         res[f"{name}_only_equal"] = [o.token_ids for o in r.generate(prompts, greedy, threshold=t)] == alone
+    from routing.router import Router, RouterConfig, RouterGraphs
+
+    torch.manual_seed(0)
+    router = Router(RouterConfig(hidden_size=896, top_k=100, width=256, depth=2), torch.randn(1000, 896, device="cuda")).cuda().eval()
+    graphs = None
+    errs = []
+    for b in (1, 3, 16):
+        h, lg, tok = torch.randn(b, 896, device="cuda"), torch.randn(b, 151936, device="cuda"), torch.randint(0, 1000, (b,), device="cuda")
+        graphs = graphs or RouterGraphs(router, h, lg)
+        errs.append((graphs(h, tok, lg) - router.prob(h, tok, lg)).abs().max().item())
+    res["router_graph_vs_eager_max_err"] = max(errs)
     mixed = [o.token_ids for o in r.generate(prompts, greedy, threshold=0.8)]
     res["mixed_cuda_equals_cpu"] = mixed == [o.token_ids for o in pair("cpu").generate(prompts, greedy, threshold=0.8)]
     return res

@@ -73,9 +73,10 @@ class TandemConfig(Strict):
             if name not in REGISTRY:
                 raise ValueError(f"pipelines.{name}: unknown pipeline; known: {sorted(REGISTRY)}")
             try:
-                REGISTRY[name].Config.model_validate(params)
+                section = REGISTRY[name].Config.model_validate(params)
             except ValidationError as e:
                 raise ValueError(f"pipelines.{name}: {format_errors(e)}") from None
+            REGISTRY[name].check_config(section, self)
         return self
 
     def model(self, name: str) -> ModelEntry:

@@ -122,6 +122,10 @@ class WorkerPool:
         cmd += ["--dtype", first.dtype, "--kv-cache-mb", str(first.kv_cache_mb), "--block-size", str(first.block_size)]
         if first.max_model_len:
             cmd += ["--max-model-len", str(first.max_model_len)]
+        from orchestrator.pipelines import REGISTRY
+
+        for name in self.config.pipelines:
+            cmd += REGISTRY[name].worker_args(self.config.pipeline_config(name), list(entry.models))
         return cmd
 
     async def _supervise(self, handle: WorkerHandle) -> None:

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from routing.router import Router
+from routing.router import Router, RouterGraphs
 from workers.engine import StepView
 
 
@@ -32,11 +32,18 @@ class RouterDecider(Decider):
 
     name = "router"
 
-    def __init__(self, router: Router):
+    def __init__(self, router: Router, cuda_graphs: bool = True):
         self.router = router
         self.default_threshold = float(router.config.threshold)
+        self.cuda_graphs = cuda_graphs
+        self.graphs: RouterGraphs | None = None
 
     def scores(self, step: StepView) -> torch.Tensor:
+        if self.cuda_graphs and step.hidden.is_cuda:
+            if self.graphs is None:
+                self.graphs = RouterGraphs(self.router, step.hidden, step.logits)
+            if self.graphs.fits(step.hidden, step.logits):
+                return self.graphs(step.hidden, step.tokens, step.logits)
         return self.router.prob(step.hidden, step.tokens, step.logits)
 
 

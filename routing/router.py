@@ -119,3 +119,46 @@ class Router(nn.Module):
         except RuntimeError as e:
             raise RouterCheckpointError(f"router checkpoint {directory}: weights do not match its config: {e}") from None
         return router.to(device).eval()
+
+
+class RouterGraphs:
+    """The router's step captured in CUDA graphs at small batch sizes, where launches would dominate."""
+
+    BUCKETS = (1, 2, 4, 8, 16)
+
+    def __init__(self, router: Router, hidden: torch.Tensor, logits: torch.Tensor):
+        n, dev = self.BUCKETS[-1], hidden.device
+        self.router = router
+        self.hidden = torch.zeros((n, hidden.shape[-1]), dtype=hidden.dtype, device=dev)
+        self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
+        self.logits = torch.zeros((n, logits.shape[-1]), dtype=logits.dtype, device=dev)
+        self.probs = torch.zeros(n, dtype=torch.float32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        pool = None
+        for b in reversed(self.BUCKETS):
+            for _ in range(2):
+                self._forward(b)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._forward(b)
+            pool = graph.pool()
+            self.graphs[b] = graph
+
+    def fits(self, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
+        return (hidden.shape[0] <= self.BUCKETS[-1] and hidden.dtype == self.hidden.dtype
+                and logits.shape[-1] == self.logits.shape[-1])
+
+    @torch.inference_mode()
+    def _forward(self, b: int) -> None:
+        self.probs[:b] = self.router.prob(self.hidden[:b], self.tokens[:b], self.logits[:b])
+
+    @torch.inference_mode()
+    def __call__(self, hidden: torch.Tensor, tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        n = hidden.shape[0]
+        b = next(x for x in self.BUCKETS if x >= n)
+        self.hidden[:n].copy_(hidden)
+        self.tokens[:n].copy_(tokens)
+        self.logits[:n].copy_(logits)
+        self.graphs[b].replay()
+        return self.probs[:n]

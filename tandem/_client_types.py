@@ -125,8 +125,19 @@ def sampling_proto(kw: Mapping[str, Any]):
     return msg
 
 
+R2R_KEYS = ("decider", "threshold")
+
+
 def _set_params(msg: Any, pipeline: str, model: str | None, params: Mapping[str, Any] | None) -> None:
-    """`model` goes into the typed `single` params; other parameters travel as a Struct."""
+    """`model` goes into the typed `single` params, r2r's decider/threshold into the typed `r2r` params;
+    other parameters travel as a Struct."""
+    if pipeline == "r2r" and params and model is None and set(params) <= set(R2R_KEYS):
+        msg.r2r.SetInParent()
+        if params.get("decider"):
+            msg.r2r.decider = params["decider"]
+        if params.get("threshold") is not None:
+            msg.r2r.threshold = float(params["threshold"])
+        return
     if params:
         data = dict(params)
         if model is not None:

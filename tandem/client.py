@@ -199,7 +199,10 @@ class Client:
                  session_id: str = "", background: bool = False, add_generation_prompt: bool | None = None,
                  timeout: float | None = None) -> Any:
         """Generate from one of `prompt`, `messages` (chat, rendered with the model's template) or
-        `token_ids`. Returns a GenerationResult, or with `stream=True` a GenerationStream of Chunks."""
+        `token_ids`. Returns a GenerationResult, or with `stream=True` a GenerationStream of Chunks.
+        `pipeline_params` are the pipeline's own, e.g. `pipeline="r2r", pipeline_params={"decider": "entropy",
+        "threshold": 0.1}`; the result's `sources` name each token's model and `stats` holds the pipeline's
+        statistics (r2r: llm_token_share, llm_tokens, slm_tokens, router_s, llm_s)."""
         rid = request_id or new_request_id()
         req = generate_request(prompt, messages, token_ids, request_id=rid, model=model,
                                pipeline="" if session_id and pipeline == "single" else pipeline,

@@ -24,7 +24,11 @@ def sampling_from_proto(p: pb.SamplingParams) -> SamplingParams:
 
 def step_to_proto(out: StepOutput) -> wpb.WorkerStep:
     msg = wpb.WorkerStep(request_id=out.request_id, model=out.model, token_ids=out.new_token_ids,
-                         text=out.text_delta, sources=out.sources, ready=out.ready, finished=out.finished)
+                         text=out.text_delta, sources=out.sources, ready=out.ready, finished=out.finished,
+                         proposed=out.proposed, stats=out.stats)
+    if out.handoff is not None:
+        msg.handoff = True
+        msg.handoff_token_ids.extend(out.handoff)
     for lp in out.logprobs:
         if lp:
             msg.logprobs.add(token_id=lp["token_id"], logprob=lp["logprob"],
@@ -40,6 +44,10 @@ def step_to_proto(out: StepOutput) -> wpb.WorkerStep:
                                         per_token_s=t.get("per_token_s", 0.0), total_s=t.get("total_s", 0.0)))
         msg.error = out.error or ""
     return msg
+
+
+def logprob_from_proto(lp: pb.TokenLogprob) -> dict:
+    return {"token_id": lp.token_id, "logprob": lp.logprob, "top": [(t.token_id, t.logprob) for t in lp.top]}
 
 
 def _top(lp: dict) -> list[tuple[int, float]]:

@@ -2,11 +2,14 @@
 
 Prints `TANDEM_WORKER_READY <port>` on stdout once serving (the only line it writes there); logs go to
 stderr. With `--orchestrator` it registers itself there (and again every few seconds, so an
-orchestrator restart finds it). With `--parent-pid` it exits when that process is gone."""
+orchestrator restart finds it). With `--parent-pid` it exits when that process is gone. With
+`--r2r '{"slm": NAME, "llm": NAME|null, "router": DIR|null, "decider": NAME}'` it hosts the SLM of an r2r
+pipeline: routed Generate calls go through an R2R coordinator (co-located when `llm` is hosted here)."""
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -34,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-message-mb", type=int, default=256)
     ap.add_argument("--parent-pid", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--r2r", type=json.loads, default=None,
+                    help='JSON {"slm": NAME, "llm": NAME or null, "router": DIR or null, "decider": NAME, "seed": N}')
     return ap.parse_args(argv)
 
 
@@ -50,6 +55,22 @@ def model_configs(args: argparse.Namespace):
                                    block_size=args.block_size, kv_cache_mb=args.kv_cache_mb,
                                    max_model_len=args.max_model_len))
     return configs
+
+
+def build_r2r(engine, spec: dict):
+    """The R2R coordinator over this engine's SLM, with every decider this worker can run."""
+    from routing.deciders import EntropyDecider, ForcedDecider, RandomDecider, RouterDecider
+    from routing.r2r import R2R
+    from routing.router import Router
+
+    deciders = []
+    if spec.get("router"):
+        runner = engine.model(spec["slm"]).runner
+        router = Router.load(spec["router"], runner.model.model.embed_tokens.weight,
+                             slm_hidden_size=runner.spec.hidden_size, device=runner.device)
+        deciders.append(RouterDecider(router))
+    deciders += [EntropyDecider(), RandomDecider(int(spec.get("seed", 0))), ForcedDecider()]
+    return R2R(engine, spec["slm"], spec.get("llm") or None, deciders, spec.get("decider", ""))
 
 
 async def _register(args: argparse.Namespace, address: str, models: list[str]) -> None:
@@ -90,8 +111,9 @@ async def amain(args: argparse.Namespace) -> None:
     config = EngineConfig(model_configs(args), max_num_batched_tokens=args.max_num_batched_tokens,
                           max_num_seqs=args.max_num_seqs)
     engine = await asyncio.to_thread(Engine, config)
+    r2r = build_r2r(engine, args.r2r) if args.r2r else None
     server, loop, port = await start_worker_server(engine, args.host, args.port, args.device,
-                                                   args.max_message_mb << 20)
+                                                   args.max_message_mb << 20, r2r)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -14,9 +14,12 @@ from tandem.v1 import orchestrator_pb2 as pb
 from tandem.v1 import worker_pb2 as wpb
 from tandem.v1 import worker_pb2_grpc
 from workers.chat import encode, turn_tokens
-from workers.convert import kv_from_proto, kv_to_proto, sampling_from_proto, step_to_proto
+from workers.convert import kv_from_proto, kv_to_proto, logprob_from_proto, sampling_from_proto, step_to_proto
 from workers.engine import Engine, Priority
 from workers.engine_loop import EngineLoop
+
+if TYPE_CHECKING:
+    from routing.r2r import R2R
 
 log = logging.getLogger("tandem.worker")
 T = TypeVar("T")
@@ -37,10 +40,11 @@ async def _guard(context: grpc.aio.ServicerContext, coro: Awaitable[T]) -> T:
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, engine: Engine, loop: EngineLoop, device: str = "cpu"):
+    def __init__(self, engine: Engine, loop: EngineLoop, device: str = "cpu", r2r: R2R | None = None):
         self.engine = engine
         self.loop = loop
         self.device = device
+        self.r2r = r2r
 
     async def Generate(self, request: wpb.WorkerGenerateRequest, context) -> AsyncIterator[wpb.WorkerStep]:
         rid = request.request_id
@@ -65,8 +69,30 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def _add(self, request: wpb.WorkerGenerateRequest) -> None:
         params = sampling_from_proto(request.sampling)
-        self.engine.add_request(request.request_id, list(request.prompt_token_ids), params, request.model or None,
-                                Priority(int(request.priority)), not request.prefill_only, request.cache_salt)
+        prompt, priority = list(request.prompt_token_ids), Priority(int(request.priority))
+        if request.route.enabled:
+            self._add_routed(request, prompt, params, priority)
+            return
+        self.engine.add_request(request.request_id, prompt, params, request.model or None, priority,
+                                not request.prefill_only, request.cache_salt, propose_only=request.propose_only)
+
+    def _add_routed(self, request: wpb.WorkerGenerateRequest, prompt: list[int], params, priority: Priority) -> None:
+        r2r, route = self.r2r, request.route
+        if r2r is None:
+            raise InvalidRequestError("route", "this worker hosts no SLM of an r2r pipeline")
+        if request.model and request.model != r2r.slm.name:
+            raise InvalidRequestError("model", f"routed requests run on the SLM {r2r.slm.name!r}, "
+                                      f"not {request.model!r}")
+        if request.prefill_only or request.propose_only:
+            raise InvalidRequestError("route", "does not combine with prefill_only or propose_only")
+        threshold = route.threshold if route.HasField("threshold") else None
+        try:
+            r2r.add_request(request.request_id, prompt, params, decider=route.decider, threshold=threshold,
+                            priority=priority, cache_salt=request.cache_salt)
+        except InvalidRequestError as e:
+            if e.field in ("decider", "threshold"):
+                raise InvalidRequestError(f"route.{e.field}", str(e).split(": ", 1)[-1]) from None
+            raise
 
     async def Tokenize(self, request: wpb.TokenizeRequest, context) -> wpb.TokenizeResponse:
         async def tokenize() -> list[int]:
@@ -98,6 +124,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def Release(self, request: wpb.RequestRef, context) -> wpb.Ack:
         await self._on_engine(context, lambda: self.engine.release(request.request_id))
+        return wpb.Ack()
+
+    async def Inject(self, request: wpb.InjectRequest, context) -> wpb.Ack:
+        logprob = logprob_from_proto(request.logprob) if request.HasField("logprob") else None
+        await self._on_engine(context, lambda: self.engine.inject(request.request_id, request.token_id,
+                                                                   request.source, logprob))
         return wpb.Ack()
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
@@ -152,12 +184,14 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 async def start_worker_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, device: str = "cpu",
-                              max_message_bytes: int = 256 << 20) -> tuple[grpc.aio.Server, EngineLoop, int]:
-    """Start the engine thread and the gRPC server; returns (server, loop, bound port)."""
+                              max_message_bytes: int = 256 << 20,
+                              r2r: R2R | None = None) -> tuple[grpc.aio.Server, EngineLoop, int]:
+    """Start the engine thread and the gRPC server; returns (server, loop, bound port). `r2r`: the
+    coordinator routed Generate calls go through (built on `engine`)."""
     loop = EngineLoop(engine, asyncio.get_running_loop())
     loop.start()
     server = grpc.aio.server(options=grpc_options(max_message_bytes))
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(engine, loop, device), server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(engine, loop, device, r2r), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")

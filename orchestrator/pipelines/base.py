@@ -13,6 +13,7 @@ from tandem.errors import InvalidRequestError
 from tandem.v1 import orchestrator_pb2 as pb
 
 if TYPE_CHECKING:
+    from orchestrator.config import TandemConfig
     from orchestrator.workers import WorkerPool
 
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT,
@@ -43,6 +44,16 @@ class Pipeline(ABC):
     def __init__(self, config: BaseModel, pool: WorkerPool):
         self.config = config
         self.pool = pool
+
+    @classmethod
+    def check_config(cls, config: BaseModel, server: TandemConfig) -> None:
+        """Checks of the pipeline's section against the rest of the server config (its models, workers);
+        raise ValueError naming the key. Runs when the config loads."""
+
+    @classmethod
+    def worker_args(cls, config: BaseModel, models: list[str]) -> list[str]:
+        """Extra command-line arguments of a spawned worker hosting `models` (e.g. r2r's `--r2r`)."""
+        return []
 
     def parse_params(self, request: pb.GenerateRequest | pb.CreateSessionRequest) -> Params:
         which = request.WhichOneof("pipeline_params")

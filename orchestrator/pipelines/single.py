@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import AsyncIterator
 
 import grpc
@@ -43,29 +44,16 @@ class Single(Pipeline):
         call = handle.stub.Generate(wpb.WorkerGenerateRequest(
             request_id=request.request_id, model=model, prompt_token_ids=request.token_ids,
             sampling=request.sampling, priority=request.priority), timeout=request.timeout)
-        handle.calls.add(call)
         self.active[request.request_id] = handle
-        finished = False
         try:
-            async for step in call:
-                if step.token_ids or step.text:
-                    yield pb.Chunk(token_ids=step.token_ids, text=step.text, sources=step.sources,
-                                   logprobs=step.logprobs)
-                if step.finished:
-                    finished = True
-                    yield final_of(step)
-        except grpc.aio.AioRpcError as e:
-            raise worker_error(handle, e) from None
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if not handle.ready and not (task and task.cancelling()):
-                raise unavailable(f"worker {handle.worker_id} serving {model!r} is gone") from None
-            raise
+            async with contextlib.aclosing(relay(handle, call, repr(model))) as steps:
+                async for step in steps:
+                    if step.token_ids or step.text:
+                        yield chunk_of(step)
+                    if step.finished:
+                        yield final_of(step)
         finally:
-            handle.calls.discard(call)
             self.active.pop(request.request_id, None)
-            if not finished:
-                call.cancel()
 
     async def abort(self, request_id: str) -> bool:
         handle = self.active.get(request_id)
@@ -78,9 +66,35 @@ class Single(Pipeline):
         return True
 
 
+async def relay(handle: WorkerHandle, call, what: str) -> AsyncIterator[wpb.WorkerStep]:
+    """The steps of one worker Generate call, its errors mapped to statuses; the call is cancelled
+    (which aborts the request on the worker) when the relay is closed before the final step."""
+    handle.calls.add(call)
+    finished = False
+    try:
+        async for step in call:
+            finished = finished or step.finished
+            yield step
+    except grpc.aio.AioRpcError as e:
+        raise worker_error(handle, e) from None
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if not handle.ready and not (task and task.cancelling()):
+            raise unavailable(f"worker {handle.worker_id} serving {what} is gone") from None
+        raise
+    finally:
+        handle.calls.discard(call)
+        if not finished:
+            call.cancel()
+
+
+def chunk_of(step: wpb.WorkerStep) -> pb.Chunk:
+    return pb.Chunk(token_ids=step.token_ids, text=step.text, sources=step.sources, logprobs=step.logprobs)
+
+
 def final_of(step: wpb.WorkerStep) -> pb.Final:
     final = pb.Final(finish_reason=FINISH_REASONS.get(step.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
-                     usage=step.usage, timings=step.timings)
+                     usage=step.usage, timings=step.timings, pipeline_stats=step.stats)
     if step.error:
         final.error.CopyFrom(pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message=step.error))
     return final
