@@ -123,3 +123,18 @@ def test_router_checkpoint_round_trip_and_size_check(tiny_paths, tmp_path):
         Router.load(tmp_path / "router", emb, slm_hidden_size=896)
     with pytest.raises(RouterCheckpointError, match="missing"):
         Router.load(tmp_path / "nothing", emb)
+
+
+def test_propose_only_respects_vocab_limit(tiny_paths):
+    engine = pair_engine(tiny_paths)
+    free = engine.add_request("p", [5, 6, 7], GREEDY, model="llm", propose_only=True)
+    limited = engine.add_request("q", [5, 6, 7], GREEDY, model="llm", propose_only=True, vocab_limit=3)
+    proposals = {}
+    while engine.has_work:
+        for out in engine.step():
+            if out.proposed:
+                proposals[out.request_id] = out.new_token_ids[0]
+    assert free.num_output == limited.num_output == 0
+    assert proposals["q"] < 3 and proposals["p"] >= 3
+    with pytest.raises(InvalidRequestError, match="vocab_limit"):
+        engine.add_request("r", [5], GREEDY, model="llm", propose_only=True, vocab_limit=10**6)

@@ -74,7 +74,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self._add_routed(request, prompt, params, priority)
             return
         self.engine.add_request(request.request_id, prompt, params, request.model or None, priority,
-                                not request.prefill_only, request.cache_salt, propose_only=request.propose_only)
+                                not request.prefill_only, request.cache_salt, propose_only=request.propose_only,
+                                vocab_limit=request.vocab_limit or None)
 
     def _add_routed(self, request: wpb.WorkerGenerateRequest, prompt: list[int], params, priority: Priority) -> None:
         r2r, route = self.r2r, request.route

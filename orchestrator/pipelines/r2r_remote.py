@@ -33,8 +33,9 @@ class LLMSideEnded(Exception):
 class LLMSide:
     """The LLM's copy of one request on its own worker: catches up on hand-off tokens, proposes one token."""
 
-    def __init__(self, handle: WorkerHandle, model: str, request: PipelineRequest):
+    def __init__(self, handle: WorkerHandle, model: str, request: PipelineRequest, vocab_limit: int = 0):
         self.handle = handle
+        self.vocab_limit = vocab_limit
         self.model = model
         self.request_id = f"{request.request_id}/llm"
         self.request = request
@@ -47,7 +48,8 @@ class LLMSide:
         if self.steps is None:
             call = self.handle.stub.Generate(wpb.WorkerGenerateRequest(
                 request_id=self.request_id, model=self.model, prompt_token_ids=token_ids,
-                sampling=llm_sampling(self.request.sampling), priority=self.request.priority, propose_only=True),
+                sampling=llm_sampling(self.request.sampling), priority=self.request.priority, propose_only=True,
+                vocab_limit=self.vocab_limit),
                 timeout=self.request.timeout)
             self.steps = relay(self.handle, call, repr(self.model))
         else:
@@ -115,7 +117,7 @@ async def run_disaggregated(pipeline: R2R, request: PipelineRequest) -> AsyncIte
     call = slm.stub.Generate(wpb.WorkerGenerateRequest(
         request_id=rid, model=config.slm, prompt_token_ids=request.token_ids, sampling=sampling,
         priority=request.priority, route=pipeline.route(request.params)), timeout=request.timeout)
-    llm = LLMSide(llm_handle, config.llm, request)
+    llm = LLMSide(llm_handle, config.llm, request, pipeline.pool.model_info(config.slm).vocab_size)
     pipeline.active[rid] = [(slm, rid), (llm_handle, llm.request_id)]
     try:
         async with contextlib.aclosing(relay(slm, call, repr(config.slm))) as steps:

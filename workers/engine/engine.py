@@ -78,9 +78,11 @@ class Engine:
         cache_salt: str = "",
         propose_only: bool = False,
         immediate: bool = False,
+        vocab_limit: int | None = None,
     ) -> Sequence:
         """With `propose_only`, each sampled token is streamed as a proposal and not appended: the
-        sequence then waits for `extend`. `immediate` adds it at once (call only on the engine's thread)."""
+        sequence then waits for `extend`; `vocab_limit` keeps its proposals below that id (for a model whose
+        vocabulary is padded beyond its partner's). `immediate` adds it at once (only on the engine's thread)."""
         rm = self.model(model)
         params = params or SamplingParams()
         if not isinstance(request_id, str) or not request_id:
@@ -94,6 +96,10 @@ class Engine:
         seq = Sequence(request_id, rm.name, token_ids, params, Priority(priority), sample, cache_salt)
         seq.max_len = max_len
         seq.propose_only = propose_only
+        if vocab_limit:
+            if not 0 < vocab_limit <= rm.runner.spec.vocab_size:
+                raise InvalidRequestError("vocab_limit", f"must be within (0, {rm.runner.spec.vocab_size}], got {vocab_limit}")
+            seq.vocab_limit = vocab_limit
         seq.set_eos(rm.runner.spec.eos_token_ids)
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
@@ -274,6 +280,8 @@ class Engine:
             if hold[i] or seq.propose_only:
                 rm.scheduler.pause(seq)
                 if seq.propose_only and not hold[i]:
+                    if seq.vocab_limit and token_list[i] >= seq.vocab_limit:
+                        token_list[i] = int(logits[i, : seq.vocab_limit].argmax())
                     self._outbox.append(StepOutput(seq.request_id, rm.name, [token_list[i]], logprobs=[
                         result.logprobs[i]] if result.logprobs[i] else [], proposed=True))
                 continue

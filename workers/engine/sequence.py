@@ -57,6 +57,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_time: float | None = None
     propose_only: bool = False
+    vocab_limit: int = 0
     stats: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
