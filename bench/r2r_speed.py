@@ -31,13 +31,16 @@ from workers.engine import Engine, EngineConfig, ModelConfig, SamplingParams  # 
 
 
 class ForcedRouter(RouterDecider):
-    """Runs the router network on every row (its cost is real) and fires on the forced share."""
+    """Runs the router network on every row (its cost is real) and fires on the forced share, each
+    sequence at its own phase (rows of a batch do not all fire on the same step)."""
 
     name = "forced_router"
 
     def decide(self, step, thresholds):
         self.scores(step)
-        return ForcedDecider().decide(step, thresholds)
+        return self.forced.decide(step, thresholds)
+
+    forced = ForcedDecider(spread=True)
 
 
 def random_model(shape: str, device: str):
@@ -74,13 +77,15 @@ def build(args) -> R2R:
     return R2R(engine, "slm", "llm", [ForcedRouter(router)])
 
 
-def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: float = 0.0, seed: int = 0) -> dict:
+def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: float = 0.0, seed: int = 0,
+        min_rows: int = 1) -> dict:
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True, detokenize=False)
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(100, 20000, (prompt_len,), generator=g).tolist() for _ in range(batch)]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
     t0 = time.perf_counter()
+    r2r.llm_min_rows = min_rows
     if kind == "r2r":
         outs = r2r.generate(prompts, params, threshold=1.0 - share)
     else:
@@ -93,6 +98,7 @@ def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: fl
            "wall_s": round(wall, 3)}
     if kind == "r2r":
         row["forced_share"] = share
+        row["llm_min_rows"] = min_rows
         row["llm_token_share"] = round(sum(o.stats["llm_tokens"] for o in outs) / sum(len(o.token_ids) for o in outs), 4)
         row["router_ms_per_token"] = round(1e3 * sum(o.stats["router_s"] for o in outs) / (batch * tokens), 4)
         row["llm_ms_per_token"] = round(1e3 * sum(o.stats["llm_s"] for o in outs) / (batch * tokens), 4)
@@ -128,9 +134,12 @@ def main() -> None:
               "torch": torch.__version__, "slm": args.slm, "llm": args.llm, "rows": []}
     shares = [float(s) for s in args.shares.split(",")]
     for batch in (int(b) for b in args.batches.split(",")):
-        for kind, share in [("llm", 0.0), ("slm", 0.0)] + [("r2r", s) for s in shares]:
-            run(r2r, kind, batch, args.tokens, args.prompt_len, share, seed=1)  # warm-up: kernel variants compile
-            row = run(r2r, kind, batch, args.tokens, args.prompt_len, share, seed=2 + len(report["rows"]))
+        configs = [("llm", 0.0, 1), ("slm", 0.0, 1)] + [("r2r", s, 1) for s in shares]
+        if batch >= 8:
+            configs += [("r2r", s, batch // 4) for s in shares]
+        for kind, share, min_rows in configs:
+            run(r2r, kind, batch, args.tokens, args.prompt_len, share, 1, min_rows)  # warm-up: kernels compile
+            row = run(r2r, kind, batch, args.tokens, args.prompt_len, share, 2 + len(report["rows"]), min_rows)
             report["rows"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     if args.profile:

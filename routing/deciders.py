@@ -5,6 +5,7 @@ Threshold 0 always fires and 1 never does, whatever the score."""
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 
@@ -73,15 +74,21 @@ class RandomDecider(Decider):
 
 class ForcedDecider(Decider):
     """For benchmarks and tests: fires on an exact share (1 - threshold) of each sequence's tokens,
-    evenly spaced, whatever the models say."""
+    evenly spaced, whatever the models say. With `spread`, each sequence starts at its own phase (from
+    its request id), so a batch's rows do not all fire on the same step."""
 
     name = "forced"
     default_threshold = 0.87
 
+    def __init__(self, spread: bool = False):
+        self.spread = spread
+
     def decide(self, step: StepView, thresholds: torch.Tensor) -> torch.Tensor:
         shares = (1 - thresholds.clamp(0, 1)).tolist()
-        n = [s.num_output for s in step.seqs]
-        fire = [math.floor((k + 1) * p + 1e-9) > math.floor(k * p + 1e-9) for k, p in zip(n, shares)]
+        fire = []
+        for s, p in zip(step.seqs, shares):
+            k, phase = s.num_output, (zlib.crc32(s.request_id.encode()) % 997) / 997 if self.spread else 0.0
+            fire.append(math.floor((k + 1) * p + phase + 1e-9) > math.floor(k * p + phase + 1e-9))
         return torch.tensor(fire)
 
 

@@ -52,8 +52,15 @@ class RouteState:
 
 
 class R2R:
-    def __init__(self, engine: Engine, slm: str, llm: str | None, deciders: Iterable[Decider], default: str = ""):
+    def __init__(self, engine: Engine, slm: str, llm: str | None, deciders: Iterable[Decider], default: str = "",
+                 llm_min_rows: int = 1, llm_max_wait_steps: int = 4):
+        """Co-located, flagged rows wait (held) until `llm_min_rows` of them are pending, or the oldest has
+        waited `llm_max_wait_steps` steps, so the LLM runs on bigger batches while the other rows go on."""
         self.engine = engine
+        self.llm_min_rows = max(1, llm_min_rows)
+        self.llm_max_wait_steps = llm_max_wait_steps
+        self.pending: list[tuple[Sequence, RouteState, int, int]] = []
+        self.steps = 0
         self.slm = engine.model(slm)
         self.llm = engine.model(llm) if llm else None
         self.deciders = {d.name: d for d in deciders}
@@ -70,6 +77,7 @@ class R2R:
         if self.llm is not None:
             engine.add_policy(llm, self._on_llm_step)
         engine.retire_hooks.append(self._on_retire)
+        engine.step_hooks.append(self._after_step)
 
     @property
     def max_len(self) -> int:
@@ -127,16 +135,40 @@ class R2R:
             fire[idx] = self.deciders[name].decide(sub, thresholds)
         fired = fire.tolist()
         router_s = (time.perf_counter() - t0) / len(rows)
+        tokens = step.tokens.tolist() if any(fired) else []
         for i in rows:
             seq = step.seqs[i]
             state = self.states[seq.request_id]
             state.router_s += router_s
-            if fired[i] and not self._hand_off(seq, state):
+            if fired[i] and self.llm is not None and self.llm_min_rows > 1:
+                self.pending.append((seq, state, self.steps, tokens[i]))
+            elif fired[i] and not self._hand_off(seq, state):
                 fire[i] = False
             if not fire[i]:
                 state.slm_tokens += 1
             seq.stats = state.stats()
         return PolicyDecision(hold=fire)
+
+    def _after_step(self) -> None:
+        self.steps += 1
+        self._flush()
+
+    def _flush(self) -> None:
+        """Hand off the pending rows together once there are enough of them, one has waited too long, or
+        nothing else is left for the SLM to run."""
+        if not self.pending:
+            return
+        enough = len(self.pending) >= min(self.llm_min_rows, len(self.states))
+        stale = self.steps - self.pending[0][2] >= self.llm_max_wait_steps
+        if not (enough or stale or not self.slm.scheduler.running):
+            return
+        pending, self.pending = self.pending, []
+        for seq, state, _, token in pending:
+            if seq.is_finished:
+                continue
+            if not self._hand_off(seq, state):
+                state.slm_tokens += 1
+                self.engine.inject(seq.request_id, token, self.slm.name)
 
     def _hand_off(self, seq: Sequence, state: RouteState) -> bool:
         """Send the tokens the LLM has not seen; False when the LLM cannot take them (then the SLM's token stands)."""

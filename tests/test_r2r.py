@@ -138,3 +138,26 @@ def test_propose_only_respects_vocab_limit(tiny_paths):
     assert proposals["q"] < 3 and proposals["p"] >= 3
     with pytest.raises(InvalidRequestError, match="vocab_limit"):
         engine.add_request("r", [5], GREEDY, model="llm", propose_only=True, vocab_limit=10**6)
+
+
+def run_ids(r: R2R, prompts, **route) -> dict[str, list[int]]:
+    for i, p in enumerate(prompts):
+        r.add_request(f"req-{i}", p, GREEDY, **route)
+    out: dict[str, list[int]] = {}
+    while r.engine.has_unfinished:
+        for o in r.engine.step():
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+    return {k: v for k, v in out.items() if k.startswith("req-") and "/" not in k}
+
+
+def test_batched_hand_offs_give_the_same_tokens(tiny_paths):
+    """Hand-offs that wait for each other change when the LLM runs, not what it writes."""
+    prompts = [[5 + i, 6, 7, 8 + i] for i in range(6)]
+    at_once = R2R(pair_engine(tiny_paths), "slm", "llm", [ForcedDecider(spread=True)])
+    engine = pair_engine(tiny_paths)
+    batched = R2R(engine, "slm", "llm", [ForcedDecider(spread=True)], llm_min_rows=4, llm_max_wait_steps=3)
+    expected = run_ids(at_once, prompts, threshold=0.7)
+    assert run_ids(batched, prompts, threshold=0.7) == expected
+    assert len({tuple(v) for v in expected.values()}) > 1
+    assert not batched.pending and not engine.requests
+    assert all(s["free_blocks"] == s["num_blocks"] for s in engine.stats().values())

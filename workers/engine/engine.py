@@ -58,6 +58,7 @@ class Engine:
         self._inbox: deque[Callable[[], None]] = deque()
         self._outbox: list[StepOutput] = []
         self.retire_hooks: list[Callable[[Sequence], None]] = []
+        self.step_hooks: list[Callable[[], None]] = []
 
     # ----- the door: validation in the caller's thread, effects in the engine's -----
 
@@ -242,6 +243,8 @@ class Engine:
             fn()
         for rm in self.models.values():
             self._step_model(rm)
+        for hook in self.step_hooks:
+            hook()
         outputs, self._outbox = self._outbox, []
         return outputs
 
