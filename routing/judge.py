@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from tandem.datasets import MathItem, extract_answer
+from tandem.datasets import GSM8K_STOP, MathItem, extract_answer
 from workers.chat import encode, render
 from workers.engine import Engine, RequestOutput, SamplingParams
 
@@ -202,8 +202,8 @@ class AnswerJudge:
     def __call__(self, cases: list[Case]) -> list[Verdict]:
         ctx = self.ctx
         pending = [i for i, c in enumerate(cases) if c.slm_token not in ctx.eos_ids]
-        params = [SamplingParams(max_tokens=max(1, ctx.max_new_tokens - cases[i].pos - 1), temperature=0)
-                  for i in pending]
+        params = [SamplingParams(max_tokens=max(1, ctx.max_new_tokens - cases[i].pos - 1), temperature=0,
+                                 stop=GSM8K_STOP) for i in pending]
         outs = ctx.generate("continuation", [cases[i].forked for i in pending], params)
         tails: dict[int, list[int]] = {i: o.token_ids for i, o in zip(pending, outs)}
         verdicts = []

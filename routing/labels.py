@@ -14,9 +14,9 @@ from tqdm import tqdm
 from routing import features as feats
 from routing.judge import Case, CostBook, JudgeContext, StageCost, make_judge
 from routing.teacher_force import teacher_force
-from tandem.datasets import MathItem, gsm8k, gsm8k_messages
+from tandem.datasets import GSM8K_STOP, MathItem, gsm8k, gsm8k_prompt
 from tandem.errors import TandemError
-from workers.chat import encode, render
+from workers.chat import encode
 from workers.engine import Engine, EngineConfig, ModelConfig, SamplingParams
 
 MANIFEST, ANSWERS, TEACHER, LABELS, STATS = "manifest.json", "answers.jsonl", "teacher.jsonl", "labels.jsonl", "stats.json"
@@ -136,10 +136,10 @@ class LabelJob:
 
     def _answers(self, chunk: list[MathItem]) -> None:
         tok = self.engine.model("llm").tokenizer
-        prompts = [encode(tok, render(tok, gsm8k_messages(it), True)) for it in chunk]
+        prompts = [encode(tok, gsm8k_prompt(it)) for it in chunk]
         t0 = time.perf_counter()
-        outs = self.engine.generate(prompts, SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=0),
-                                    model="llm")
+        params = SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=0, stop=GSM8K_STOP)
+        outs = self.engine.generate(prompts, params, model="llm")
         self.cost.record("answers", outs, time.perf_counter() - t0)
         append_jsonl(self.out / ANSWERS, [
             {"index": it.index, "prompt": p, "response": o.token_ids, "finish_reason": o.finish_reason, "text": o.text}

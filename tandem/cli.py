@@ -8,11 +8,17 @@ from typing import Optional
 import typer
 
 from tandem import cli_server
+from tandem.cli_c2c import c2c_app
+from tandem.cli_eval import eval_app
 from tandem.cli_models import models_app
+from tandem.cli_r2r import r2r_app
 from tandem.errors import TandemError
 
 app = typer.Typer(help="Tandem: small and large language models working on one request together.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(eval_app, name="eval")
+app.add_typer(r2r_app, name="r2r")
+app.add_typer(c2c_app, name="c2c")
 
 
 def _fail(message: str) -> None:

