@@ -456,14 +456,8 @@ def _drain(engine: Engine, add, prompts: Iterable, prefix: str) -> list[RequestO
         rid = f"{prefix}-{id(engine)}-{time.monotonic_ns()}-{i}"
         add(rid, prompt)
         ids.append(rid)
-    results = {rid: RequestOutput(rid) for rid in ids}
-    errors: dict[str, str] = {}
-    while any(r.finish_reason is None for r in results.values()):
-        for out in engine.step():
-            if out.request_id in results and results[out.request_id].finish_reason is None:
-                results[out.request_id].add(out)
-                if out.error:
-                    errors[out.request_id] = out.error
+    results = engine.collect(ids)
+    errors = [f"{r.request_id}: {r.error}" for r in results if r.error]
     if errors:
-        raise C2CError("; ".join(f"{rid}: {msg}" for rid, msg in errors.items()))
-    return [results[rid] for rid in ids]
+        raise C2CError("; ".join(errors))
+    return results

@@ -111,12 +111,7 @@ class R2R:
             rid = f"r2r-{id(self)}-{time.monotonic_ns()}-{i}"
             self.add_request(rid, prompt, params, **route)
             ids.append(rid)
-        results = {rid: RequestOutput(rid) for rid in ids}
-        while any(r.finish_reason is None for r in results.values()):
-            for out in self.engine.step():
-                if out.request_id in results:
-                    results[out.request_id].add(out)
-        return [results[rid] for rid in ids]
+        return self.engine.collect(ids)
 
     # ----- on the engine's thread -----
 
@@ -176,7 +171,7 @@ class R2R:
         if self.llm is None:
             self.engine.emit(StepOutput(seq.request_id, self.slm.name, handoff=list(delta)))
         elif not state.llm_started:
-            params = dataclasses.replace(seq.params, detokenize=False, stop=[], logprobs=seq.params.logprobs)
+            params = dataclasses.replace(seq.params, detokenize=False, stop=[])
             if seq.params.seed is not None:
                 params = dataclasses.replace(params, seed=seq.params.seed + 1)
             try:

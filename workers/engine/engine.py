@@ -324,14 +324,19 @@ class Engine:
         prompts = list(prompts)
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         ids = [f"gen-{id(self)}-{i}" for i in range(len(prompts))]
-        results = {rid: RequestOutput(rid) for rid in ids}
         for rid, prompt, p in zip(ids, prompts, plist):
             self.add_request(rid, prompt, p, model)
+        return self.collect(ids)
+
+    def collect(self, request_ids: list[str]) -> list[RequestOutput]:
+        """Step until every one of these requests has finished; their outputs, in order."""
+        results = {rid: RequestOutput(rid) for rid in request_ids}
         while any(r.finish_reason is None for r in results.values()):
             for out in self.step():
-                if out.request_id in results:
-                    results[out.request_id].add(out)
-        return [results[rid] for rid in ids]
+                result = results.get(out.request_id)
+                if result is not None and result.finish_reason is None:
+                    result.add(out)
+        return [results[rid] for rid in request_ids]
 
     def stats(self) -> dict[str, dict]:
         return {

@@ -55,6 +55,7 @@ class RequestOutput:
     usage: Usage | None = None
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
 
     def add(self, out: StepOutput) -> None:
         self.text += out.text_delta
@@ -63,4 +64,4 @@ class RequestOutput:
         self.logprobs += out.logprobs
         if out.finished:
             self.finish_reason, self.usage, self.timings = out.finish_reason, out.usage, out.timings
-            self.stats = out.stats
+            self.stats, self.error = out.stats, out.error
