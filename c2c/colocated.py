@@ -1,4 +1,4 @@
-"""C2C and its text-to-text baseline T2T, co-located: receiver and sharer(s) are models of one engine.
+"""C2C co-located: receiver and sharer(s) are models of one engine (its text baseline: `c2c.t2t`).
 
 C2C, per request of N prompt tokens (the reference's flow): the receiver prefills tokens 0..N-2 into
 its own blocks (a private cache salt, so no block is shared) and each sharer prefills its aligned ids of
@@ -6,9 +6,6 @@ the same positions. Once all are ready, the step hook reads the entries of the l
 (closed ones are neither read nor projected nor written), fuses them, writes the fused entries into the
 receiver's blocks, releases the sharers, and extends the receiver with token N-1, which it reads over
 the fused cache before decoding alone. Everything is computed and checked before the first write.
-
-T2T: the sharer answers a background prompt with a sentence of context; the receiver answers the
-question in a chat that holds that context.
 
 Per request, `stats` (in the final output) holds `sharer_s`, `fuser_s`, `receiver_s` (seconds of the
 engine steps that advanced the request on each side: its latency, not a share of the batch) and the
@@ -26,6 +23,7 @@ import torch
 from c2c import checkpoint
 from c2c.align import Aligned, TokenAligner
 from c2c.fuser import MODES, Fuser, KVDict, fuse
+from c2c.stepping import Meter, detach, run_batch
 from tandem.errors import CheckpointError, InvalidRequestError, TandemError
 from workers.chat import encode, render
 from workers.engine import (
@@ -34,20 +32,11 @@ from workers.engine import (
     RequestOutput,
     SamplingParams,
     StepOutput,
-    StepView,
 )
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.sequence import Priority, Sequence, Status
 
 Prompt = str | list[int] | list[dict[str, str]]
-CONTEXT_PROMPT = ("In one clear sentence, describe the most essential background knowledge needed to answer "
-                  "the question: {question}")
-
-
-class C2CError(TandemError):
-    """A C2C request that failed after it was accepted."""
-
-
 def runs(layers: Iterable[int]) -> list[range]:
     """Sorted layer indices as contiguous ranges."""
     out: list[range] = []
@@ -57,52 +46,6 @@ def runs(layers: Iterable[int]) -> list[range]:
         else:
             out.append(range(n, n + 1))
     return out
-
-
-def room(engine: Engine, model: str) -> int:
-    """The most tokens a sequence of `model` may hold."""
-    rm = engine.model(model)
-    return min(rm.runner.max_model_len, rm.blocks.num_blocks * rm.blocks.block_size)
-
-
-class Meter:
-    """Charges each model's step time to the tracked requests it advanced, into `stats[bucket]`: sampled
-    rows from a policy (before the step's output is built), prefill chunks from the step hook."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.tracked: dict[str, tuple[dict, str]] = {}
-        self.seen: dict[str, int] = {}
-        self.charged: set[str] = set()
-        self.last = time.perf_counter()
-
-    def track(self, request_id: str, stats: dict, bucket: str) -> None:
-        self.tracked[request_id] = (stats, bucket)
-
-    def untrack(self, request_id: str) -> None:
-        self.tracked.pop(request_id, None)
-        self.seen.pop(request_id, None)
-
-    def policy(self, step: StepView) -> None:
-        elapsed = time.perf_counter() - self.engine.model(step.model).step_started
-        for seq in step.seqs:
-            entry = self.tracked.get(seq.request_id)
-            if entry is not None:
-                entry[0][entry[1]] += elapsed
-                self.charged.add(seq.request_id)
-                self.seen[seq.request_id] = seq.num_computed
-
-    def tick(self) -> None:
-        now = time.perf_counter()
-        ran = sorted((rm.step_started, name) for name, rm in self.engine.models.items() if rm.step_started > self.last)
-        spent = {name: (ran[i + 1][0] if i + 1 < len(ran) else now) - start for i, (start, name) in enumerate(ran)}
-        for rid, (stats, bucket) in list(self.tracked.items()):
-            seq = self.engine.requests.get(rid)
-            if rid not in self.charged and seq is not None and seq.num_computed != self.seen.get(rid, 0):
-                stats[bucket] += spent.get(seq.model, 0.0)
-                self.seen[rid] = seq.num_computed
-        self.charged.clear()
-        self.last = now
 
 
 @dataclass
@@ -177,13 +120,13 @@ class C2C:
         engine, receiver = self.engine, self.receiver.name
         aligned = {name: self._align(s.aligner, prompt) for name, s in self.active.items()}
         ids = next(iter(aligned.values())).receiver_ids if aligned else self._receiver_ids(prompt)
-        if len(ids) >= room(engine, receiver):
+        if len(ids) >= engine.model(receiver).max_len:
             raise InvalidRequestError("prompt", f"{len(ids)} tokens leave no room to generate within receiver "
-                                      f"{receiver!r}'s {room(engine, receiver)} tokens")
+                                      f"{receiver!r}'s {engine.model(receiver).max_len} tokens")
         for name in aligned:
-            if len(ids) - 1 >= room(engine, name):
+            if len(ids) - 1 >= engine.model(name).max_len:
                 raise InvalidRequestError("prompt", f"{len(ids)} tokens do not fit sharer {name!r}'s "
-                                          f"{room(engine, name)} tokens")
+                                          f"{engine.model(name).max_len} tokens")
         if not aligned or len(ids) < 2:
             return engine.add_request(request_id, ids, params, receiver, priority)
         if request_id in self.states or request_id in engine.requests:
@@ -247,13 +190,13 @@ class C2C:
         self.engine.abort(request_id)
 
     def generate(self, prompts: Iterable[Prompt], params: SamplingParams | None = None) -> list[RequestOutput]:
-        return _drain(self.engine, lambda rid, p: self.add_request(rid, p, params), prompts, "c2c")
+        return run_batch(self.engine, lambda rid, p: self.add_request(rid, p, params), prompts, "c2c")
 
     def close(self) -> None:
         """Detach from the engine (requests in flight are aborted)."""
         for rid in list(self.states):
             self.abort(rid)
-        _detach(self.engine, self.meter, [self.receiver.name], self._after_step, self._on_retire)
+        detach(self.engine, self.meter, [self.receiver.name], self._after_step, self._on_retire)
 
     # ----- on the engine's thread -----
 
@@ -351,113 +294,3 @@ class C2C:
                 self._fail(state, f"sharer request {rid!r} ended ({seq.finish_reason}) before fusion")
 
 
-@dataclass
-class T2TState:
-    request_id: str
-    question: str
-    params: SamplingParams | None
-    priority: Priority
-    stats: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("sharer_s", "receiver_s", "context_tokens", "context_bytes", "kv_bytes_moved"), 0.0))
-
-
-class T2T:
-    """The text-to-text baseline: the sharer writes one sentence of background, the receiver answers with it."""
-
-    def __init__(self, engine: Engine, receiver: str, sharer: str, context_tokens: int = 64,
-                 context_prompt: str = CONTEXT_PROMPT):
-        self.engine, self.context_tokens, self.context_prompt = engine, context_tokens, context_prompt
-        self.receiver, self.sharer = engine.model(receiver), engine.model(sharer)
-        self.states: dict[str, T2TState] = {}
-        self.meter = Meter(engine)
-        for name in {receiver, sharer}:
-            engine.add_policy(name, self.meter.policy)
-        engine.step_hooks.append(self.meter.tick)
-        engine.retire_hooks.append(self._on_retire)
-
-    def _context_request(self, question: str) -> list[dict[str, str]]:
-        return [{"role": "user", "content": self.context_prompt.format(question=question)}]
-
-    def add_request(self, request_id: str, question: str, params: SamplingParams | None = None, *,
-                    priority: Priority = Priority.NORMAL) -> None:
-        if not isinstance(question, str) or not question:
-            raise InvalidRequestError("question", "must be a non-empty string")
-        if request_id in self.states or request_id in self.engine.requests:
-            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
-        tok = self.sharer.tokenizer
-        ids = encode(tok, render(tok, self._context_request(question), True))
-        state = T2TState(request_id, question, params, priority)
-        srid = f"{request_id}/sharer"
-        self.states[request_id] = state
-        self.meter.track(srid, state.stats, "sharer_s")
-        try:
-            self.engine.add_request(srid, ids, SamplingParams(max_tokens=self.context_tokens, temperature=0),
-                                    self.sharer.name, priority)
-        except Exception:
-            self.states.pop(request_id)
-            self.meter.untrack(srid)
-            raise
-
-    def abort(self, request_id: str) -> None:
-        self.engine.abort(f"{request_id}/sharer")
-        self.engine.abort(request_id)
-
-    def generate(self, questions: Iterable[str], params: SamplingParams | None = None) -> list[RequestOutput]:
-        return _drain(self.engine, lambda rid, q: self.add_request(rid, q, params), questions, "t2t")
-
-    def close(self) -> None:
-        for rid in list(self.states):
-            self.abort(rid)
-        _detach(self.engine, self.meter, [self.receiver.name, self.sharer.name], self.meter.tick, self._on_retire)
-
-    def _on_retire(self, seq: Sequence) -> None:
-        rid = seq.request_id
-        if rid in self.states:
-            self.meter.untrack(self.states.pop(rid).request_id)
-            return
-        if not rid.endswith("/sharer") or rid[: -len("/sharer")] not in self.states:
-            return
-        state = self.states[rid[: -len("/sharer")]]
-        self.meter.untrack(rid)
-        if seq.finish_reason not in ("stop", "length"):
-            self.states.pop(state.request_id)
-            self.engine.emit(StepOutput(state.request_id, self.receiver.name, finished=True, finish_reason="abort"))
-            return
-        context = seq.text.strip()
-        state.stats["context_tokens"], state.stats["context_bytes"] = float(seq.num_output), float(len(context.encode()))
-        messages = self._context_request(state.question) + [
-            {"role": "assistant", "content": context}, {"role": "user", "content": state.question}]
-        tok = self.receiver.tokenizer
-        try:
-            answer = self.engine.add_request(state.request_id, encode(tok, render(tok, messages, True)), state.params,
-                                             self.receiver.name, state.priority, immediate=True)
-        except TandemError as e:
-            self.states.pop(state.request_id)
-            self.engine.emit(StepOutput(state.request_id, self.receiver.name, finished=True, finish_reason="error",
-                                        error=f"t2t: {e}"))
-            return
-        answer.stats = state.stats
-        self.meter.track(state.request_id, state.stats, "receiver_s")
-
-
-def _detach(engine: Engine, meter: Meter, models: list[str], step_hook, retire_hook) -> None:
-    for name in set(models):
-        policies = engine.model(name).policies
-        if meter.policy in policies:
-            policies.remove(meter.policy)
-    for hooks, hook in ((engine.step_hooks, step_hook), (engine.retire_hooks, retire_hook)):
-        if hook in hooks:
-            hooks.remove(hook)
-
-
-def _drain(engine: Engine, add, prompts: Iterable, prefix: str) -> list[RequestOutput]:
-    ids = []
-    for i, prompt in enumerate(prompts):
-        rid = f"{prefix}-{id(engine)}-{time.monotonic_ns()}-{i}"
-        add(rid, prompt)
-        ids.append(rid)
-    results = engine.collect(ids)
-    errors = [f"{r.request_id}: {r.error}" for r in results if r.error]
-    if errors:
-        raise C2CError("; ".join(errors))
-    return results

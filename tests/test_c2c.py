@@ -12,8 +12,10 @@ import torch
 
 from c2c import checkpoint
 from c2c.align import TokenAligner
-from c2c.colocated import C2C, T2T, C2CError, runs
+from c2c.colocated import C2C, runs
 from c2c.fuser import Fuser, FuserConfig, KVShape, fuse, layer_map, temperature
+from c2c.stepping import C2CError
+from c2c.t2t import T2T
 from c2c.train import Example, PairModels, TrainConfig, train
 from tandem.errors import CheckpointError, InvalidRequestError
 from workers.engine import Engine, EngineConfig, ModelConfig, SamplingParams

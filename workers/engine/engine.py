@@ -38,6 +38,11 @@ class ResidentModel:
     def tokenizer(self):
         return self.runner.loaded.tokenizer
 
+    @property
+    def max_len(self) -> int:
+        """The most tokens one sequence may hold: within the model's context and the whole KV pool."""
+        return min(self.runner.max_model_len, self.blocks.num_blocks * self.blocks.block_size)
+
 
 class Engine:
     """Thread-safe at its door (`add_request`, `abort`, `call`); everything else runs in `step`."""
@@ -89,7 +94,7 @@ class Engine:
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id", "must be a non-empty string")
         token_ids = self._tokens(rm, prompt)
-        max_len = min(rm.runner.max_model_len, rm.blocks.num_blocks * rm.blocks.block_size)
+        max_len = rm.max_len
         if len(token_ids) >= max_len:
             raise InvalidRequestError(
                 "prompt", f"{len(token_ids)} tokens leave no room to generate within {max_len} tokens "
