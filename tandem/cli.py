@@ -9,6 +9,7 @@ import typer
 
 from tandem import cli_server
 from tandem.cli_c2c import c2c_app
+from tandem.cli_common import fail
 from tandem.cli_eval import eval_app
 from tandem.cli_models import models_app
 from tandem.cli_r2r import r2r_app
@@ -20,10 +21,6 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(r2r_app, name="r2r")
 app.add_typer(c2c_app, name="c2c")
 
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -62,7 +59,7 @@ def generate(
                                                  add_generation_prompt=True)
         engine.add_request("cli", text, params)
     except TandemError as e:
-        _fail(str(e))
+        fail(str(e))
     from workers.engine import RequestOutput
 
     result = RequestOutput("cli")
@@ -89,7 +86,7 @@ def demo() -> None:
     try:
         run()
     except TandemError as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 cli_server.register(app)

@@ -7,23 +7,20 @@ from typing import Optional
 import typer
 
 from tandem import assets
+from tandem.cli_common import fail
 from tandem.errors import TandemError
 
 c2c_app = typer.Typer(help="C2C cache-to-cache fusion: train fusers.", no_args_is_help=True)
 
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
 
 
 def _model(option: str, value: str) -> str:
     try:
         path = assets.resolve(value)
     except TandemError as e:
-        _fail(f"{option}: {e}")
+        fail(f"{option}: {e}")
     if not (path.is_dir() and (path / "config.json").is_file()):
-        _fail(f"{option}: {path} is not a Hugging Face model directory (training needs config.json + safetensors)")
+        fail(f"{option}: {path} is not a Hugging Face model directory (training needs config.json + safetensors)")
     return str(path)
 
 
@@ -65,18 +62,18 @@ def train_cmd(
     from c2c.train import TrainConfig, train
 
     if mapping not in MAPPINGS:
-        _fail(f"--mapping: {mapping!r} is not one of {', '.join(MAPPINGS)}")
+        fail(f"--mapping: {mapping!r} is not one of {', '.join(MAPPINGS)}")
     if alignment not in STRATEGIES:
-        _fail(f"--alignment: {alignment!r} is not one of {', '.join(STRATEGIES)}")
+        fail(f"--alignment: {alignment!r} is not one of {', '.join(STRATEGIES)}")
     if dtype not in ("auto", "float32", "bfloat16"):
-        _fail(f"--dtype: {dtype!r} is not one of auto, float32, bfloat16")
+        fail(f"--dtype: {dtype!r} is not one of auto, float32, bfloat16")
     if device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            _fail("--device: CUDA is not available on this machine")
+            fail("--device: CUDA is not available on this machine")
     if data is not None and not data.is_file():
-        _fail(f"--data: {data} does not exist")
+        fail(f"--data: {data} does not exist")
     cfg = TrainConfig(
         receiver=_model("--receiver", receiver), sharer=_model("--sharer", sharer), out=str(out),
         data=str(data.resolve()) if data else None, tasks=[t for t in tasks.split(",") if t], max_items=max_items,
@@ -87,4 +84,4 @@ def train_cmd(
     try:
         train(cfg, typer.echo)
     except TandemError as e:
-        _fail(str(e))
+        fail(str(e))

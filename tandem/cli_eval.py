@@ -6,24 +6,12 @@ from typing import Optional
 
 import typer
 
-from tandem import assets
+from tandem.cli_common import fail, item_range, model_option
 from tandem.errors import TandemError
 
 eval_app = typer.Typer(help="Offline quality evaluations (GSM8K).", no_args_is_help=True)
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
-
-
-def _model(option: str, value: str) -> str:
-    if value.lower() not in assets.REGISTRY and not Path(value).expanduser().exists():
-        _fail(f"{option}: {value} does not exist")
-    try:
-        return str(assets.resolve(value))
-    except TandemError as e:
-        _fail(f"{option}: {e}")
 
 
 def _router(value: Optional[str]) -> Optional[str]:
@@ -31,15 +19,15 @@ def _router(value: Optional[str]) -> Optional[str]:
         return None
     path = Path(value).expanduser()
     if not path.is_dir():
-        _fail(f"--router: {value} does not exist (a directory written by `tandem r2r train`)")
+        fail(f"--router: {value} does not exist (a directory written by `tandem r2r train`)")
     if not (path / "router.json").is_file():
-        _fail(f"--router: {value} is not a router checkpoint (no router.json in it)")
+        fail(f"--router: {value} is not a router checkpoint (no router.json in it)")
     return str(path.resolve())
 
 
 def _data(value: Optional[str]) -> Optional[str]:
     if value is not None and not Path(value).expanduser().is_file():
-        _fail(f"--data: {value} does not exist")
+        fail(f"--data: {value} does not exist")
     return str(Path(value).expanduser().resolve()) if value else None
 
 
@@ -47,15 +35,7 @@ def _floats(option: str, value: str) -> list[float]:
     try:
         return [float(x) for x in value.split(",") if x.strip()]
     except ValueError:
-        _fail(f"{option}: expected comma-separated numbers, got {value!r}")
-
-
-def _range(option: str, value: str) -> tuple[int, int]:
-    try:
-        start, stop = (int(x) for x in value.split(":"))
-    except ValueError:
-        _fail(f"{option}: expected START:STOP, got {value!r}")
-    return start, stop
+        fail(f"{option}: expected comma-separated numbers, got {value!r}")
 
 
 @eval_app.command("r2r")
@@ -88,17 +68,17 @@ def r2r_cmd(
     kinds = [k.strip() for k in configs.split(",") if k.strip()]
     router = _router(router)
     if thresholds.strip() == "auto" and router is None:
-        _fail("--thresholds: auto reads the router's calibration curve; give --router")
+        fail("--thresholds: auto reads the router's calibration curve; give --router")
     try:
         ts = auto_thresholds(router) if thresholds.strip() == "auto" else _floats("--thresholds", thresholds)
     except TandemError as e:
-        _fail(str(e))
-    start, stop = _range("--items", items)
+        fail(str(e))
+    start, stop = item_range("--items", items)
     spec = EvalSpec(
-        slm=_model("--slm", slm), llm=_model("--llm", llm), out=str(out), router=router,
+        slm=model_option("--slm", slm), llm=model_option("--llm", llm), out=str(out), router=router,
         thresholds=ts, kinds=kinds, limit=limit, start=start, stop=stop,
         data=_data(data), dtype=dtype, max_new_tokens=max_new_tokens, batch=batch, match=match,
-        calibration=_range("--calibration-items", calibration_items), kv_cache_mb=kv_cache_mb, seed=seed,
+        calibration=item_range("--calibration-items", calibration_items), kv_cache_mb=kv_cache_mb, seed=seed,
         llm_min_rows=llm_min_rows)
     if threads is not None:
         import torch
@@ -107,4 +87,4 @@ def r2r_cmd(
     try:
         run_eval(spec, typer.echo, progress)
     except TandemError as e:
-        _fail(str(e))
+        fail(str(e))

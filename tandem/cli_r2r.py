@@ -6,39 +6,24 @@ from typing import Optional
 
 import typer
 
-from tandem import assets
+from tandem.cli_common import fail, item_range, model_option
 from tandem.errors import TandemError
 
 r2r_app = typer.Typer(help="R2R token routing: label data, train the router.", no_args_is_help=True)
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
-
-
-def _model(option: str, value: str) -> str:
-    if value.lower() not in assets.REGISTRY and not Path(value).expanduser().exists():
-        _fail(f"{option}: {value} does not exist")
-    try:
-        return str(assets.resolve(value))
-    except TandemError as e:
-        _fail(f"{option}: {e}")
 
 
 def _existing(option: str, value: Optional[str]) -> Optional[str]:
     if value is not None and not Path(value).expanduser().exists():
-        _fail(f"{option}: {value} does not exist")
+        fail(f"{option}: {value} does not exist")
     return value
 
 
 def _items(value: str) -> tuple[int, int]:
-    try:
-        start, stop = (int(x) for x in value.split(":"))
-    except ValueError:
-        _fail(f"--items: expected START:STOP, got {value!r}")
+    start, stop = item_range("--items", value)
     if not 0 <= start < stop:
-        _fail(f"--items: {value!r} is not a range START:STOP with 0 <= START < STOP")
+        fail(f"--items: {value!r} is not a range START:STOP with 0 <= START < STOP")
     return start, stop
 
 
@@ -62,17 +47,17 @@ def label_cmd(
     from routing.labels import LabelConfig, run_label_job
 
     if judge not in JUDGES:
-        _fail(f"--judge: unknown judge {judge!r}; known: {', '.join(sorted(JUDGES))}")
+        fail(f"--judge: unknown judge {judge!r}; known: {', '.join(sorted(JUDGES))}")
     start, stop = _items(items)
     cfg = LabelConfig(
-        slm=_model("--slm", slm), llm=_model("--llm", llm), out=str(out),
+        slm=model_option("--slm", slm), llm=model_option("--llm", llm), out=str(out),
         data=str(Path(_existing("--data", data)).resolve()) if data else None, start=start, stop=stop, judge=judge,
         max_new_tokens=max_new_tokens, continuation_tokens=continuation_tokens,
         max_mismatches_per_item=max_mismatches, batch_items=batch_items, dtype=dtype, kv_cache_mb=kv_cache_mb)
     try:
         run_label_job(cfg, typer.echo)
     except TandemError as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 @r2r_app.command("train")
@@ -96,10 +81,10 @@ def train_cmd(
     from routing.train import TrainConfig, train_router
 
     _existing("--labels", labels)
-    cfg = TrainConfig(labels=labels, slm=_model("--slm", slm), out=str(out), width=width, depth=depth,
+    cfg = TrainConfig(labels=labels, slm=model_option("--slm", slm), out=str(out), width=width, depth=depth,
                       dropout=dropout, lr=lr, weight_decay=weight_decay, batch=batch, epochs=epochs,
                       patience=patience, target_recall=target_recall, val_fraction=val_fraction, seed=seed)
     try:
         train_router(cfg, typer.echo)
     except TandemError as e:
-        _fail(str(e))
+        fail(str(e))
