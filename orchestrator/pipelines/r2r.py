@@ -14,12 +14,10 @@ import contextlib
 import json
 from typing import AsyncIterator
 
-import grpc
-
 from orchestrator.pipelines.base import Pipeline, PipelineRequest
 from orchestrator.pipelines.r2r_config import R2RConfig, R2RParams, check_against_server
 from orchestrator.pipelines.r2r_remote import run_disaggregated
-from orchestrator.pipelines.single import chunk_of, final_of, relay
+from orchestrator.pipelines.single import abort_on, relay_events
 from orchestrator.workers import WorkerHandle
 from tandem.errors import InvalidRequestError
 from tandem.v1 import orchestrator_pb2 as pb
@@ -104,26 +102,14 @@ class R2R(Pipeline):
             priority=request.priority, route=self.route(request.params)), timeout=request.timeout)
         self.active[rid] = [(handle, rid)]
         what = f"{self.config.slm!r} and {self.config.llm!r}"
-        async with contextlib.aclosing(relay(handle, call, what)) as steps:
-            async for step in steps:
-                if step.token_ids or step.text:
-                    yield chunk_of(step)
-                if step.finished:
-                    yield final_of(step)
+        async with contextlib.aclosing(relay_events(handle, call, what)) as events:
+            async for event in events:
+                yield event
 
     async def abort(self, request_id: str) -> bool:
         placed = self.active.get(request_id)
         if not placed:
             return False
         self.aborted.add(request_id)
-        done = False
-        for handle, wid in placed:
-            if not handle.ready:
-                continue
-            try:
-                await handle.stub.Abort(pb.AbortRequest(request_ids=[wid]), timeout=5)
-                done = True
-            except grpc.aio.AioRpcError:
-                pass
-        return done
+        return await abort_on(placed)
 

@@ -9,7 +9,12 @@ import grpc
 from pydantic import BaseModel, ConfigDict
 
 from orchestrator.errors import StatusError, unavailable
-from orchestrator.pipelines.base import FINISH_REASONS, Params, Pipeline, PipelineRequest
+from orchestrator.pipelines.base import (
+    FINISH_REASONS,
+    Params,
+    Pipeline,
+    PipelineRequest,
+)
 from orchestrator.workers import WorkerHandle
 from tandem.v1 import orchestrator_pb2 as pb
 from tandem.v1 import worker_pb2 as wpb
@@ -46,24 +51,39 @@ class Single(Pipeline):
             sampling=request.sampling, priority=request.priority), timeout=request.timeout)
         self.active[request.request_id] = handle
         try:
-            async with contextlib.aclosing(relay(handle, call, repr(model))) as steps:
-                async for step in steps:
-                    if step.token_ids or step.text:
-                        yield chunk_of(step)
-                    if step.finished:
-                        yield final_of(step)
+            async with contextlib.aclosing(relay_events(handle, call, repr(model))) as events:
+                async for event in events:
+                    yield event
         finally:
             self.active.pop(request.request_id, None)
 
     async def abort(self, request_id: str) -> bool:
         handle = self.active.get(request_id)
-        if handle is None or not handle.ready:
-            return False
+        return handle is not None and await abort_on([(handle, request_id)])
+
+
+async def abort_on(placed: list[tuple[WorkerHandle, str]]) -> bool:
+    """Abort each (worker, request id there); True when a ready worker took an abort."""
+    done = False
+    for handle, request_id in placed:
+        if not handle.ready:
+            continue
         try:
             await handle.stub.Abort(pb.AbortRequest(request_ids=[request_id]), timeout=5)
+            done = True
         except grpc.aio.AioRpcError:
-            return False
-        return True
+            pass
+    return done
+
+
+async def relay_events(handle: WorkerHandle, call, what: str) -> AsyncIterator[pb.Chunk | pb.Final]:
+    """One worker Generate call as the pipeline's events: a Chunk per step with tokens, the Final."""
+    async with contextlib.aclosing(relay(handle, call, what)) as steps:
+        async for step in steps:
+            if step.token_ids or step.text:
+                yield chunk_of(step)
+            if step.finished:
+                yield final_of(step)
 
 
 async def relay(handle: WorkerHandle, call, what: str) -> AsyncIterator[wpb.WorkerStep]:
