@@ -15,6 +15,19 @@ CONTEXT_PROMPT = ("In one clear sentence, describe the most essential background
                   "the question: {question}")
 
 
+def context_messages(question: str, context_prompt: str = CONTEXT_PROMPT) -> list[dict[str, str]]:
+    """The sharer's chat: asked for the background of `question`."""
+    return [{"role": "user", "content": context_prompt.format(question=question)}]
+
+
+def answer_messages(question: str, context: str, context_prompt: str = CONTEXT_PROMPT,
+                    before: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+    """The receiver's chat: `before` (e.g. a system message), the background request, the sharer's
+    context as the answer, then the question."""
+    return (list(before or []) + context_messages(question, context_prompt)
+            + [{"role": "assistant", "content": context}, {"role": "user", "content": question}])
+
+
 @dataclass
 class T2TState:
     request_id: str
@@ -39,9 +52,6 @@ class T2T:
         engine.step_hooks.append(self.meter.tick)
         engine.retire_hooks.append(self._on_retire)
 
-    def _context_request(self, question: str) -> list[dict[str, str]]:
-        return [{"role": "user", "content": self.context_prompt.format(question=question)}]
-
     def add_request(self, request_id: str, question: str, params: SamplingParams | None = None, *,
                     priority: Priority = Priority.NORMAL) -> None:
         if not isinstance(question, str) or not question:
@@ -49,7 +59,7 @@ class T2T:
         if request_id in self.states or request_id in self.engine.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         tok = self.sharer.tokenizer
-        ids = encode(tok, render(tok, self._context_request(question), True))
+        ids = encode(tok, render(tok, context_messages(question, self.context_prompt), True))
         state = T2TState(request_id, question, params, priority)
         srid = f"{request_id}/sharer"
         self.states[request_id] = state
@@ -89,8 +99,7 @@ class T2T:
             return
         context = seq.text.strip()
         state.stats["context_tokens"], state.stats["context_bytes"] = float(seq.num_output), float(len(context.encode()))
-        messages = self._context_request(state.question) + [
-            {"role": "assistant", "content": context}, {"role": "user", "content": state.question}]
+        messages = answer_messages(state.question, context, self.context_prompt)
         tok = self.receiver.tokenizer
         try:
             answer = self.engine.add_request(state.request_id, encode(tok, render(tok, messages, True)), state.params,

@@ -127,6 +127,10 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             raise StatusError(grpc.StatusCode.CANCELLED, f"request {rid!r} was aborted")
         remaining = context.time_remaining()
         run = PipelineRequest(rid, prompt, request.sampling, params, int(request.priority), remaining)
+        if session is None and request.WhichOneof("input") == "text":
+            run.text = request.text
+        elif session is None and request.WhichOneof("input") == "messages":
+            run.messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
         answer_ids: list[int] = []
         answer: list[str] = []
         last = None

@@ -125,7 +125,7 @@ class WorkerPool:
         from orchestrator.pipelines import REGISTRY
 
         for name in self.config.pipelines:
-            cmd += REGISTRY[name].worker_args(self.config.pipeline_config(name), list(entry.models))
+            cmd += REGISTRY[name].worker_args(self.config.pipeline_config(name), list(entry.models), self.config)
         return cmd
 
     async def _supervise(self, handle: WorkerHandle) -> None:

@@ -4,7 +4,10 @@ Prints `TANDEM_WORKER_READY <port>` on stdout once serving (the only line it wri
 stderr. With `--orchestrator` it registers itself there (and again every few seconds, so an
 orchestrator restart finds it). With `--parent-pid` it exits when that process is gone. With
 `--r2r '{"slm": NAME, "llm": NAME|null, "router": DIR|null, "decider": NAME}'` it hosts the SLM of an r2r
-pipeline: routed Generate calls go through an R2R coordinator (co-located when `llm` is hosted here)."""
+pipeline: routed Generate calls go through an R2R coordinator (co-located when `llm` is hosted here). With
+`--c2c '{"receiver": NAME, "sharers": {NAME: {"checkpoint": DIR, "path": MODEL_PATH}}, "mode": MODE}'` it
+hosts the receiver of a c2c pipeline: sharers hosted here run here, the others are remote (their tokenizer
+and config are read from `path`; their KV arrives through FuseKV)."""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--r2r", type=json.loads, default=None,
                     help='JSON {"slm": NAME, "llm": NAME or null, "router": DIR or null, "decider": NAME, "seed": N}')
+    ap.add_argument("--c2c", type=json.loads, default=None,
+                    help='JSON {"receiver": NAME, "sharers": {NAME: {"checkpoint": DIR, "path": MODEL_PATH}}, '
+                         '"mode": "sequential" or "parallel"}')
     return ap.parse_args(argv)
 
 
@@ -71,6 +77,19 @@ def build_r2r(engine, spec: dict):
         deciders.append(RouterDecider(router))
     deciders += [EntropyDecider(), RandomDecider(int(spec.get("seed", 0))), ForcedDecider()]
     return R2R(engine, spec["slm"], spec.get("llm") or None, deciders, spec.get("decider", ""))
+
+
+def build_c2c(engine, spec: dict):
+    """The C2C coordinator over this engine's receiver; sharers not hosted here are remote."""
+    from c2c.colocated import C2C
+    from c2c.remote import RemoteModel
+    from tandem import assets
+
+    sharers = spec["sharers"]
+    remote = {name: RemoteModel.load(name, assets.resolve(s["path"])) for name, s in sharers.items()
+              if name not in engine.models}
+    return C2C.from_checkpoints(engine, spec["receiver"], {name: s["checkpoint"] for name, s in sharers.items()},
+                                spec.get("mode", "sequential"), remote)
 
 
 async def _register(args: argparse.Namespace, address: str, models: list[str]) -> None:
@@ -112,8 +131,9 @@ async def amain(args: argparse.Namespace) -> None:
                           max_num_seqs=args.max_num_seqs)
     engine = await asyncio.to_thread(Engine, config)
     r2r = build_r2r(engine, args.r2r) if args.r2r else None
+    c2c = build_c2c(engine, args.c2c) if args.c2c else None
     server, loop, port = await start_worker_server(engine, args.host, args.port, args.device,
-                                                   args.max_message_mb << 20, r2r)
+                                                   args.max_message_mb << 20, r2r, c2c)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)

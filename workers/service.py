@@ -19,6 +19,7 @@ from workers.engine import Engine, Priority
 from workers.engine_loop import EngineLoop
 
 if TYPE_CHECKING:
+    from c2c.colocated import C2C
     from routing.r2r import R2R
 
 log = logging.getLogger("tandem.worker")
@@ -40,11 +41,13 @@ async def _guard(context: grpc.aio.ServicerContext, coro: Awaitable[T]) -> T:
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
-    def __init__(self, engine: Engine, loop: EngineLoop, device: str = "cpu", r2r: R2R | None = None):
+    def __init__(self, engine: Engine, loop: EngineLoop, device: str = "cpu", r2r: R2R | None = None,
+                 c2c: C2C | None = None):
         self.engine = engine
         self.loop = loop
         self.device = device
         self.r2r = r2r
+        self.c2c = c2c
 
     async def Generate(self, request: wpb.WorkerGenerateRequest, context) -> AsyncIterator[wpb.WorkerStep]:
         rid = request.request_id
@@ -55,9 +58,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is already in use")
         added = finished = False
         try:
-            await _guard(context, self._add(request))
+            needs = await _guard(context, self._add(request))
             added = True
             self.loop.wake()
+            if needs:
+                yield wpb.WorkerStep(request_id=rid, model=self.c2c.receiver.name, c2c_need=[
+                    wpb.C2CNeed(sharer=n.sharer, token_ids=n.token_ids, layers=n.layers) for n in needs])
             while not finished:
                 out = await queue.get()
                 finished = out.finished
@@ -67,15 +73,32 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             if added and not finished:
                 await asyncio.shield(self.loop.abort(rid))
 
-    async def _add(self, request: wpb.WorkerGenerateRequest) -> None:
+    async def _add(self, request: wpb.WorkerGenerateRequest) -> list:
+        """Adds the request; returns what remote sharers must send (c2c), else nothing."""
         params = sampling_from_proto(request.sampling)
         prompt, priority = list(request.prompt_token_ids), Priority(int(request.priority))
+        if request.c2c.enabled:
+            return self._add_c2c(request, prompt, params, priority)
         if request.route.enabled:
             self._add_routed(request, prompt, params, priority)
-            return
+            return []
         self.engine.add_request(request.request_id, prompt, params, request.model or None, priority,
                                 not request.prefill_only, request.cache_salt, propose_only=request.propose_only,
                                 vocab_limit=request.vocab_limit or None)
+        return []
+
+    def _add_c2c(self, request: wpb.WorkerGenerateRequest, prompt: list[int], params, priority: Priority) -> list:
+        c2c = self.c2c
+        if c2c is None:
+            raise InvalidRequestError("c2c", "this worker hosts no receiver of a c2c pipeline")
+        if request.model and request.model != c2c.receiver.name:
+            self.engine.model(request.model)       # NOT_FOUND when it is not loaded here at all
+            raise InvalidRequestError("model", f"c2c requests run on the receiver {c2c.receiver.name!r}, "
+                                      f"not {request.model!r}")
+        if request.route.enabled or request.prefill_only or request.propose_only:
+            raise InvalidRequestError("c2c", "does not combine with route, prefill_only or propose_only")
+        c2c.add_request(request.request_id, prompt, params, priority=priority, sharers=list(request.c2c.sharers))
+        return c2c.need(request.request_id)
 
     def _add_routed(self, request: wpb.WorkerGenerateRequest, prompt: list[int], params, priority: Priority) -> None:
         r2r, route = self.r2r, request.route
@@ -157,6 +180,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         await self._on_engine(context, lambda: self.engine.import_kv(request.request_id, kv, request.mark_computed))
         return wpb.Ack()
 
+    async def FuseKV(self, request: wpb.FuseKVRequest, context) -> wpb.Ack:
+        if self.c2c is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker hosts no receiver of a c2c pipeline")
+        slices = await _guard(context, asyncio.to_thread(lambda: [kv_from_proto(kv) for kv in request.kv]))
+        await self._on_engine(context, lambda: self.c2c.supply(request.request_id, request.sharer, slices))
+        return wpb.Ack()   # fusion runs in the same engine step, once every part is in
+
     async def GetLoad(self, request: wpb.GetLoadRequest, context) -> pb.WorkerLoad:
         stats = await self.loop.run(self.engine.stats)
         load = pb.WorkerLoad(pid=os.getpid(), in_flight=len(self.loop.queues), device=self.device,
@@ -185,14 +215,14 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 async def start_worker_server(engine: Engine, host: str = "127.0.0.1", port: int = 0, device: str = "cpu",
-                              max_message_bytes: int = 256 << 20,
-                              r2r: R2R | None = None) -> tuple[grpc.aio.Server, EngineLoop, int]:
-    """Start the engine thread and the gRPC server; returns (server, loop, bound port). `r2r`: the
-    coordinator routed Generate calls go through (built on `engine`)."""
+                              max_message_bytes: int = 256 << 20, r2r: R2R | None = None,
+                              c2c: C2C | None = None) -> tuple[grpc.aio.Server, EngineLoop, int]:
+    """Start the engine thread and the gRPC server; returns (server, loop, bound port). `r2r`, `c2c`: the
+    coordinators routed and c2c Generate calls go through (built on `engine`)."""
     loop = EngineLoop(engine, asyncio.get_running_loop())
     loop.start()
     server = grpc.aio.server(options=grpc_options(max_message_bytes))
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(engine, loop, device, r2r), server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(engine, loop, device, r2r, c2c), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")

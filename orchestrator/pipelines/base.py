@@ -32,6 +32,8 @@ class PipelineRequest:
     params: Params
     priority: int = 0
     timeout: float | None = None
+    text: str = ""                                   # the request's input as given, for pipelines that
+    messages: list[dict[str, str]] | None = None     # re-render it (t2t); neither: token ids (or a session turn)
 
 
 class Pipeline(ABC):
@@ -51,8 +53,9 @@ class Pipeline(ABC):
         raise ValueError naming the key. Runs when the config loads."""
 
     @classmethod
-    def worker_args(cls, config: BaseModel, models: list[str]) -> list[str]:
-        """Extra command-line arguments of a spawned worker hosting `models` (e.g. r2r's `--r2r`)."""
+    def worker_args(cls, config: BaseModel, models: list[str], server: TandemConfig | None = None) -> list[str]:
+        """Extra command-line arguments of a spawned worker hosting `models` (e.g. r2r's `--r2r`); `server`
+        is the whole config (c2c needs the paths of sharers hosted elsewhere)."""
         return []
 
     def parse_params(self, request: pb.GenerateRequest | pb.CreateSessionRequest) -> Params:

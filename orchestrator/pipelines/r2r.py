@@ -53,7 +53,7 @@ class R2R(Pipeline):
         check_against_server(config, server, f"pipelines.{cls.name}")
 
     @classmethod
-    def worker_args(cls, config: R2RConfig, models: list[str]) -> list[str]:
+    def worker_args(cls, config: R2RConfig, models: list[str], server=None) -> list[str]:
         spec = config.worker_spec(models)
         return ["--r2r", json.dumps(spec)] if spec else []
 
