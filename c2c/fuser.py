@@ -163,6 +163,10 @@ def fuse(receiver: KVDict, parts: Sequence[Part], mode: str = "sequential") -> K
     entries and adds up their residuals."""
     if mode not in MODES:
         raise ValueError(f"unknown multi-sharer mode {mode!r}; known: {', '.join(MODES)}")
+    if not any(fuser.training for fuser, _, _ in parts):
+        from c2c.stacked import fuse_stacked
+
+        return fuse_stacked(receiver, list(parts), mode)
     out: KVDict = {}
     for n, own in receiver.items():
         fused, changed = [], False
