@@ -29,6 +29,7 @@ from c2c import checkpoint
 from c2c.align import Aligned, TokenAligner
 from c2c.fuser import MODES, Fuser, KVDict, fuse
 from c2c.remote import RemoteModel, RemoteSharers
+from c2c.stacked import freeze
 from c2c.stepping import Meter, detach, run_batch
 from tandem.errors import (
     CheckpointError,
@@ -111,6 +112,7 @@ class C2C(RemoteSharers):
                 raise CheckpointError(f"the fuser for sharer {name!r} expects receiver and sharer caches (layers, KV heads, "
                                       f"head dim) {want}; receiver {receiver!r} and sharer {name!r} have {have}")
             fuser = fuser.to(runner.device, runner.dtype).eval()
+            freeze(fuser)
             strategy = alignment if isinstance(alignment, str) else alignment.get(name, "first")
             aligner = TokenAligner(self.receiver.tokenizer, far.tokenizer if far else engine.model(name).tokenizer,
                                    strategy)
@@ -288,7 +290,8 @@ class C2C(RemoteSharers):
                     stats["kv_bytes_sharer"] += sum(k.numel() * k.element_size() + v.numel() * v.element_size()
                                                     for k, v in kv.values())
                 self._check(kv, sharer.fuser.config.sharer, n, f"sharer {name!r}")
-                mask = torch.tensor(part.aligned.fuse[:n], device=runner.device)
+                fusable = part.aligned.fuse[:n]
+                mask = None if all(fusable) else torch.tensor(fusable, device=runner.device)
                 kv = {i: (k.to(runner.device), v.to(runner.device)) for i, (k, v) in kv.items()}
                 parts.append((sharer.fuser, kv, mask))
             with torch.inference_mode():

@@ -2,7 +2,8 @@
 matmuls over a stack of its weights, instead of ~14 small kernels per projector and a host sync per gate.
 
 Same math as `Projector.forward` with hard gates (an open gate is exactly 1), so `fuse` gives the same
-entries either way; the stack is rebuilt when a parameter changes (its version counter moves)."""
+entries either way. The stack is rebuilt when a parameter changes (moves or its version counter moves),
+except for a fuser being served (`freeze`), whose stack is built once."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -56,10 +57,22 @@ class StackedFuser:
 
 
 def _version(fuser: Fuser) -> tuple:
-    return tuple(p._version for p in fuser.parameters())
+    """Changes when any parameter is updated in place or moved (walking the module tree is too slow here)."""
+    params = fuser.__dict__.get("_param_list")
+    if params is None:
+        params = fuser.__dict__["_param_list"] = list(fuser.parameters())
+    return tuple((p.data_ptr(), p._version) for p in params)
+
+
+def freeze(fuser: Fuser) -> None:
+    """Serve `fuser` as it is now: its stack is built once and never checked against its parameters again."""
+    fuser._frozen = stacked(fuser)
 
 
 def stacked(fuser: Fuser) -> StackedFuser:
+    frozen = getattr(fuser, "_frozen", None)
+    if frozen is not None:
+        return frozen
     cached = getattr(fuser, "_stacked", None)
     if cached is None or cached.version != _version(fuser):
         cached = StackedFuser(fuser)
@@ -78,18 +91,16 @@ def fuse_stacked(receiver: KVDict, parts: list[Part], mode: str) -> KVDict:
             continue
         if len(keys) < len(s.keys):
             raise ValueError(f"receiver layers {sorted({n for n, _ in s.keys} - set(receiver))} are open but not given")
-        lead = receiver[keys[0][0]][keys[0][1]].shape[:-2]
-        rows = []
-        for n, path in keys:
-            r = (cur[n] if mode == "sequential" else receiver[n])[path]
-            sh = sharer[fuser.sharer_layer[n]][path].to(r.dtype)
-            width = sh.shape[-2] * sh.shape[-1] + r.shape[-2] * r.shape[-1]
-            rows.append(torch.cat([sh.flatten(-2), r.flatten(-2)], dim=-1).reshape(-1, width))
-        deltas = s.deltas(torch.stack(rows).to(s.inp[0].dtype))
-        for (n, path), d in zip(keys, deltas):
-            d = d.reshape(*lead, *d.shape[-2:]).to(cur[n][path].dtype)
-            if mask is not None:
-                d = d.masked_fill(~mask.view(-1, 1, 1).to(d.device), 0)
-            cur[n][path] = cur[n][path] + d
+        r = torch.stack([(cur[n] if mode == "sequential" else receiver[n])[path] for n, path in keys])
+        sh = torch.stack([sharer[fuser.sharer_layer[n]][path] for n, path in keys]).to(r.dtype)
+        lead = r.shape[1:-2]
+        width = sh.shape[-2] * sh.shape[-1] + r.shape[-2] * r.shape[-1]
+        x = torch.cat([sh.flatten(-2), r.flatten(-2)], dim=-1).reshape(len(keys), -1, width)
+        d = s.deltas(x.to(s.inp[0].dtype)).reshape(len(keys), *lead, *r.shape[-2:]).to(r.dtype)
+        if mask is not None:
+            d = d * mask.to(d.device, d.dtype).view(-1, 1, 1)
+        new = torch.stack([cur[n][path] for n, path in keys]) + d if mode == "parallel" else r + d
+        for (n, path), entry in zip(keys, new.unbind(0)):
+            cur[n][path] = entry
             changed.add(n)
     return {n: (cur[n][0], cur[n][1]) for n in sorted(changed)}

@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import torch
+
 from workers.engine.sequence import Sequence
 
 
@@ -138,5 +140,8 @@ class BlockManager:
         seq.num_computed = 0
         seq.num_committed_blocks, seq.block_hash = 0, None
 
-    def slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+    def slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        """The KV slots of positions [start, end), as a long tensor on the CPU."""
+        positions = torch.arange(start, end)
+        table = torch.tensor(seq.block_table, dtype=torch.long)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size

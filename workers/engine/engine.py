@@ -192,7 +192,7 @@ class Engine:
             raise InvalidRequestError("range", f"[{start}, {end}) is not within the {seq.num_computed} computed tokens")
         if not (0 <= layers.start < layers.stop <= rm.runner.spec.num_layers and layers.step == 1):
             raise InvalidRequestError("layers", f"{layers} is not a layer range of a {rm.runner.spec.num_layers}-layer model")
-        slots = torch.tensor([rm.blocks.slot(seq, p) for p in range(start, end)], dtype=torch.long)
+        slots = rm.blocks.slots(seq, start, end)
         k, v = rm.runner.read_kv(slots.to(rm.runner.device), layers)
         return KVSlice(layers, start, k, v)
 
@@ -217,7 +217,7 @@ class Engine:
         if shared:
             raise InvalidRequestError("kv", "the sequence shares cached prefix blocks; give it a cache_salt to import KV")
         rm.blocks.invalidate_from(seq, kv.start)
-        slots = torch.tensor([rm.blocks.slot(seq, p) for p in range(kv.start, kv.start + n)], dtype=torch.long)
+        slots = rm.blocks.slots(seq, kv.start, kv.start + n)
         rm.runner.write_kv(slots.to(rm.runner.device), kv.layers, kv.k, kv.v)
         if mark_computed and len(kv.layers) == spec.num_layers:
             seq.num_computed = max(seq.num_computed, kv.start + n)
