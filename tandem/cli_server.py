@@ -205,13 +205,25 @@ def worker(
     kv_cache_mb: float = typer.Option(512.0, "--kv-cache-mb"),
     block_size: int = typer.Option(16, "--block-size", min=1),
     threads: int = typer.Option(0, "--threads", min=0),
+    r2r: str = typer.Option("", "--r2r", help='Host the SLM of an r2r pipeline: JSON {"slm": NAME, "llm": NAME '
+                            'or null, "router": DIR or null, "decider": NAME}.'),
+    c2c: str = typer.Option("", "--c2c", help='Host the receiver of a c2c pipeline: JSON {"receiver": NAME, '
+                            '"sharers": {NAME: {"checkpoint": DIR, "path": MODEL_PATH}}, "mode": MODE}.'),
 ) -> None:
     """Start one worker process by hand (it registers itself with --orchestrator)."""
+    import json
+
     from tandem import assets
     from workers.main import main as worker_main
 
     if orchestrator and ":" not in orchestrator:
         fail(f"--orchestrator: expected HOST:PORT, got {orchestrator!r}")
+    for option, value in (("--r2r", r2r), ("--c2c", c2c)):
+        try:
+            if value and not isinstance(json.loads(value), dict):
+                fail(f"{option}: expected a JSON object, got {value!r}")
+        except json.JSONDecodeError as e:
+            fail(f"{option}: not valid JSON: {e}")
     try:
         for spec in model:
             assets.resolve(spec.rpartition("=")[2])
@@ -221,6 +233,7 @@ def worker(
     argv += ["--host", host, "--port", str(port), "--device", device, "--dtype", dtype, "--kv-cache-mb",
              str(kv_cache_mb), "--block-size", str(block_size), "--threads", str(threads)]
     argv += ["--orchestrator", orchestrator] * bool(orchestrator) + ["--advertise", advertise] * bool(advertise)
+    argv += [a for option, value in (("--r2r", r2r), ("--c2c", c2c)) if value for a in (option, value)]
     try:
         worker_main(argv)
     except KeyboardInterrupt:

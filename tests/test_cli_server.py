@@ -86,6 +86,8 @@ def test_chat_with_piped_stdin(served):
     (["serve", "--config", "x.yaml", "--model", "y"], "not both"),
     (["serve", "--model", "/no/such/model"], "error:"),
     (["worker", "--model", "x", "--orchestrator", "nocolon"], "--orchestrator: expected HOST:PORT"),
+    (["worker", "--model", "x", "--c2c", "{bad"], "--c2c: not valid JSON"),
+    (["worker", "--model", "x", "--r2r", "[1]"], "--r2r: expected a JSON object"),
     (["bench", "no_such_bench"], "no benchmark 'no_such_bench'"),
 ])
 def test_bad_input_is_a_clear_error(served, args, message):
