@@ -152,7 +152,7 @@ class C2C(RemoteSharers):
         engine, receiver = self.engine, self.receiver.name
         chosen = self._chosen(sharers)
         aligned = {name: self._align(self.sharers[name].aligner, prompt) for name in chosen}
-        ids = next(iter(aligned.values())).receiver_ids if aligned else self._receiver_ids(prompt)
+        ids = next(iter(aligned.values())).receiver_ids if aligned else self.receiver_ids(prompt)
         if len(ids) >= engine.model(receiver).max_len:
             raise InvalidRequestError("prompt", f"{len(ids)} tokens leave no room to generate within receiver "
                                       f"{receiver!r}'s {engine.model(receiver).max_len} tokens")
@@ -217,7 +217,7 @@ class C2C(RemoteSharers):
             self.parts.pop(srid, None)
             self.meter.untrack(srid)
 
-    def _receiver_ids(self, prompt: Prompt) -> list[int]:
+    def receiver_ids(self, prompt: Prompt) -> list[int]:
         tok = self.receiver.tokenizer
         if isinstance(prompt, str):
             return encode(tok, prompt)
@@ -235,7 +235,7 @@ class C2C(RemoteSharers):
             return aligner.align_text(prompt)
         if prompt and isinstance(prompt[0], dict):
             return aligner.align_chat(prompt)
-        return aligner.align_ids(self._receiver_ids(prompt))
+        return aligner.align_ids(self.receiver_ids(prompt))
 
     def abort(self, request_id: str) -> None:
         state = self.states.get(request_id)

@@ -19,7 +19,7 @@ from tandem.v1 import orchestrator_pb2 as pb
 from tandem.v1 import worker_pb2 as wpb
 from tandem.v1 import worker_pb2_grpc
 
-RECV, SHR, CLOSED, SHORT = "recv", "shr", "closed", "short"
+RECV, SHR, CLOSED, SHORT, OTHER = "recv", "shr", "closed", "short", "other"
 PLACEMENTS = ("co-located", "disaggregated")
 PROMPTS = [[5, 6, 7, 8, 9, 10], [20, 21, 22, 23, 24, 25, 26, 27, 28]]
 N = 8
@@ -46,18 +46,22 @@ def save_fuser(directory, receiver_path, sharer_path, gate: float, seed: int = 0
 
 @pytest.fixture(scope="module")
 def setup(tiny_paths, tiny_root, tmp_path_factory) -> dict:
-    """Model paths and fuser checkpoints: open gates for `shr` and `short` (a Llama with a 24-token
-    context), closed gates for `closed` (the same Llama as `shr`)."""
+    """Model paths and fuser checkpoints: open gates for `shr`, `short` (a Llama with a 24-token context)
+    and `other` (a Llama with a tokenizer of its own), closed gates for `closed` (the same Llama as `shr`)."""
     short = tiny_root / "llama-short"
     if not short.exists():
         shutil.copytree(tiny_paths["llama"], short)
         cfg = json.loads((short / "config.json").read_text())
         (short / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": SHORT_CONTEXT}))
+    from test_c2c import _other_tokenizer
+
     root = tmp_path_factory.mktemp("fusers")
     recv, llama = tiny_paths["qwen3"], tiny_paths["llama"]
-    paths = {RECV: recv, SHR: llama, CLOSED: llama, SHORT: short}
+    other = _other_tokenizer(llama, tiny_root)
+    paths = {RECV: recv, SHR: llama, CLOSED: llama, SHORT: short, OTHER: other}
     ckpts = {SHR: save_fuser(root / "open", recv, llama, 1.0), CLOSED: save_fuser(root / "closed", recv, llama, -1.0),
-             SHORT: save_fuser(root / "short", recv, short, 1.0, seed=1)}
+             SHORT: save_fuser(root / "short", recv, short, 1.0, seed=1),
+             OTHER: save_fuser(root / "other", recv, other, 1.0, seed=2)}
     return {"paths": paths, "ckpts": ckpts, "root": root}
 
 
@@ -75,7 +79,7 @@ def c2c_config(setup, workers, c2c=None, models=None):
 def servers(setup):
     from orchestrator.server import launch
 
-    every = [RECV, SHR, CLOSED, SHORT]
+    every = [RECV, SHR, CLOSED, SHORT, OTHER]
     configs = {"co-located": c2c_config(setup, [every]), "disaggregated": c2c_config(setup, [[RECV], every[1:]])}
     with ThreadPoolExecutor(2) as pool:
         futures = {name: pool.submit(launch, c) for name, c in configs.items()}
@@ -114,6 +118,28 @@ def generate(s, prompt, n=N, pipeline="c2c", sharers=(SHR,), **kw):
 
 def alone(s, prompt):
     return generate(s, prompt, pipeline="single", single=pb.SingleParams(model=RECV))[0]
+
+
+def test_chat_with_another_tokenizer_fuses_message_contents(s, setup):
+    """Served chat input is aligned as in process: only the tokens inside message contents are fused."""
+    from c2c.colocated import C2C
+    from workers.engine import Engine, EngineConfig, ModelConfig, SamplingParams
+
+    messages = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog"}]
+    req = pb.GenerateRequest(pipeline="c2c", sampling=sampling(max_tokens=N, ignore_eos=True),
+                             c2c=pb.C2CParams(sharers=[OTHER]))
+    req.messages.messages.add(**messages[0])
+    msgs = list(s.Generate(req))
+    served = [t for m in msgs if m.HasField("chunk") for t in m.chunk.token_ids]
+    paths = setup["paths"]
+    engine = Engine(EngineConfig([ModelConfig(name, str(paths[name]), dtype="float32", block_size=4, kv_cache_mb=4)
+                                  for name in (RECV, OTHER)]))
+    c2c = C2C.from_checkpoints(engine, RECV, {OTHER: setup["ckpts"][OTHER]})
+    greedy = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
+    as_chat = c2c.generate([messages], greedy)[0]
+    as_ids = c2c.generate([c2c.receiver_ids(messages)], greedy)[0]
+    assert served == as_chat.token_ids and msgs[-1].final.pipeline_stats["fused_tokens"] > 0
+    assert as_chat.token_ids != as_ids.token_ids          # aligning the template's tokens too changes the answer
 
 
 def test_closed_gates_equal_the_receiver_alone(s):
@@ -271,7 +297,7 @@ def test_sdk_sessions_and_listing(servers):
     for name, address in servers.items():
         with Client(address) as client:
             pipelines = {p.name: p for p in client.list_pipelines()}
-            assert pipelines["c2c"].models == [RECV, SHR, CLOSED, SHORT] and pipelines["t2t"].models == [RECV, SHR]
+            assert pipelines["c2c"].models == [RECV, SHR, CLOSED, SHORT, OTHER] and pipelines["t2t"].models == [RECV, SHR]
             assert name in pipelines["c2c"].description
             r = client.generate(token_ids=PROMPTS[0], pipeline="c2c", max_tokens=4, temperature=0, ignore_eos=True,
                                 pipeline_params={"sharers": [SHR]})
@@ -287,7 +313,7 @@ def test_sdk_sessions_and_listing(servers):
 def test_every_worker_ends_with_all_blocks_free(stubs):
     for s in stubs.values():
         loads = wait_blocks_free(s)
-        assert len([m for w in loads.workers for m in w.models]) == 4
+        assert len([m for w in loads.workers for m in w.models]) == 5
 
 
 # ----- refused when the config loads -----

@@ -97,7 +97,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                       f"not {request.model!r}")
         if request.route.enabled or request.prefill_only or request.propose_only:
             raise InvalidRequestError("c2c", "does not combine with route, prefill_only or propose_only")
-        c2c.add_request(request.request_id, prompt, params, priority=priority, sharers=list(request.c2c.sharers))
+        messages = [{"role": m.role, "content": m.content} for m in request.c2c.messages]
+        chat = messages and c2c.receiver_ids(messages) == prompt
+        c2c.add_request(request.request_id, messages if chat else prompt, params, priority=priority,
+                        sharers=list(request.c2c.sharers))
         return c2c.need(request.request_id)
 
     def _add_routed(self, request: wpb.WorkerGenerateRequest, prompt: list[int], params, priority: Priority) -> None:

@@ -83,7 +83,8 @@ class C2C(Pipeline):
         handle = self.receiver_worker(request.params.sharers)
         call = handle.stub.Generate(wpb.WorkerGenerateRequest(
             request_id=rid, model=receiver, prompt_token_ids=request.token_ids, sampling=request.sampling,
-            priority=request.priority, c2c=wpb.C2CRoute(enabled=True, sharers=request.params.sharers)),
+            priority=request.priority, c2c=wpb.C2CRoute(enabled=True, sharers=request.params.sharers, messages=[
+                pb.ChatMessage(role=m["role"], content=m["content"]) for m in request.messages or []])),
             timeout=request.timeout)
         self.active[rid] = [(handle, rid)]
         transfer: Transfer | None = None
