@@ -20,6 +20,16 @@ FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENG
                   "released": pb.FINISH_REASON_ABORT, "error": pb.FINISH_REASON_ERROR}
 
 
+def check_hosted(server: TandemConfig, key: str, roles: list[tuple[str, str]]) -> None:
+    """Each (config key, model name) names a model defined under `models` and hosted by some `workers` entry."""
+    names = [m.name for m in server.models]
+    for role, name in roles:
+        if name not in names:
+            raise ValueError(f"{key}.{role}: {name!r} is not defined under models {names}")
+        if not any(name in w.models for w in server.workers):
+            raise ValueError(f"{key}.{role}: no entry of workers hosts {name!r}")
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

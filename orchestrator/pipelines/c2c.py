@@ -14,10 +14,10 @@ import json
 from typing import AsyncIterator
 
 from orchestrator.errors import not_found
-from orchestrator.pipelines.base import Pipeline, PipelineRequest
+from orchestrator.pipelines.base import PipelineRequest
 from orchestrator.pipelines.c2c_config import C2CConfig, C2CParams, check_against_server
 from orchestrator.pipelines.c2c_remote import Transfer, feed_sharers
-from orchestrator.pipelines.single import abort_on, chunk_of, final_of, relay
+from orchestrator.pipelines.single import MultiWorkerPipeline, chunk_of, final_of, relay
 from orchestrator.workers import WorkerHandle
 from tandem.v1 import orchestrator_pb2 as pb
 from tandem.v1 import worker_pb2 as wpb
@@ -31,7 +31,7 @@ DESCRIPTION = (
     "kv_bytes_fused, fused_layers, fused_tokens.")
 
 
-class C2C(Pipeline):
+class C2C(MultiWorkerPipeline):
     name = "c2c"
     description = DESCRIPTION
     Config = C2CConfig
@@ -40,8 +40,6 @@ class C2C(Pipeline):
 
     def __init__(self, config: C2CConfig, pool):
         super().__init__(config, pool)
-        self.active: dict[str, list[tuple[WorkerHandle, str]]] = {}  # request -> (worker, its id there)
-        self.aborted: set[str] = set()
         models = {config.receiver, *config.sharers}
         together = any(models <= set(w.models) for w in pool.config.workers)
         placement = ("co-located (one worker hosts the receiver and every sharer)" if together
@@ -99,15 +97,7 @@ class C2C(Pipeline):
                     if step.finished:
                         yield _final(step, transfer)
         finally:
-            self.active.pop(rid, None)
-            self.aborted.discard(rid)
-
-    async def abort(self, request_id: str) -> bool:
-        placed = self.active.get(request_id)
-        if not placed:
-            return False
-        self.aborted.add(request_id)
-        return await abort_on(placed)
+            self.forget(rid)
 
 
 def _final(step: wpb.WorkerStep, transfer: Transfer | None) -> pb.Final:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from c2c.fuser import MODES
-from orchestrator.pipelines.base import Params
+from orchestrator.pipelines.base import Params, check_hosted
 from orchestrator.pipelines.r2r_config import resolve
 
 if TYPE_CHECKING:
@@ -48,12 +48,7 @@ def check_against_server(config: C2CConfig, server: TandemConfig, key: str) -> N
     from c2c import checkpoint
     from tandem.errors import CheckpointError
 
-    names = [m.name for m in server.models]
-    for role, name in [("receiver", config.receiver)] + [(f"sharers.{n}", n) for n in config.sharers]:
-        if name not in names:
-            raise ValueError(f"{key}.{role}: {name!r} is not defined under models {names}")
-        if not any(name in w.models for w in server.workers):
-            raise ValueError(f"{key}.{role}: no entry of workers hosts {name!r}")
+    check_hosted(server, key, [("receiver", config.receiver)] + [(f"sharers.{n}", n) for n in config.sharers])
     if config.receiver in config.sharers:
         raise ValueError(f"{key}.sharers.{config.receiver}: the receiver cannot be its own sharer")
     def read(name: str, what: str):

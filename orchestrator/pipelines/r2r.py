@@ -14,10 +14,10 @@ import contextlib
 import json
 from typing import AsyncIterator
 
-from orchestrator.pipelines.base import Pipeline, PipelineRequest
+from orchestrator.pipelines.base import PipelineRequest
 from orchestrator.pipelines.r2r_config import R2RConfig, R2RParams, check_against_server
 from orchestrator.pipelines.r2r_remote import run_disaggregated
-from orchestrator.pipelines.single import abort_on, relay_events
+from orchestrator.pipelines.single import MultiWorkerPipeline, relay_events
 from orchestrator.workers import WorkerHandle
 from tandem.errors import InvalidRequestError
 from tandem.v1 import orchestrator_pb2 as pb
@@ -31,7 +31,7 @@ DESCRIPTION = (
     "router_s, llm_s.")
 
 
-class R2R(Pipeline):
+class R2R(MultiWorkerPipeline):
     name = "r2r"
     description = DESCRIPTION
     Config = R2RConfig
@@ -41,8 +41,6 @@ class R2R(Pipeline):
     def __init__(self, config: R2RConfig, pool):
         super().__init__(config, pool)
         self.thresholds = {d: config.default_threshold(d) for d in config.deciders}
-        self.active: dict[str, list[tuple[WorkerHandle, str]]] = {}  # request -> (worker, its id there)
-        self.aborted: set[str] = set()
         together = any(config.slm in w.models and config.llm in w.models for w in pool.config.workers)
         placement = "co-located (one worker hosts both)" if together else "disaggregated (hand-offs over RPC)"
         self.description = (f"{DESCRIPTION} SLM {config.slm!r}, LLM {config.llm!r}, {placement}; default decider "
@@ -91,8 +89,7 @@ class R2R(Pipeline):
                 async for event in stream:
                     yield event
         finally:
-            self.active.pop(request.request_id, None)
-            self.aborted.discard(request.request_id)
+            self.forget(request.request_id)
 
     async def _run_co_located(self, handle: WorkerHandle,
                               request: PipelineRequest) -> AsyncIterator[pb.Chunk | pb.Final]:
@@ -105,11 +102,4 @@ class R2R(Pipeline):
         async with contextlib.aclosing(relay_events(handle, call, what)) as events:
             async for event in events:
                 yield event
-
-    async def abort(self, request_id: str) -> bool:
-        placed = self.active.get(request_id)
-        if not placed:
-            return False
-        self.aborted.add(request_id)
-        return await abort_on(placed)
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from orchestrator.pipelines.base import Params
+from orchestrator.pipelines.base import Params, check_hosted
 from routing.deciders import BASELINES
 
 if TYPE_CHECKING:
@@ -73,13 +73,7 @@ class R2RParams(Params):
 
 
 def check_against_server(config: R2RConfig, server: TandemConfig, key: str) -> None:
-    names = [m.name for m in server.models]
-    for role in ("slm", "llm"):
-        name = getattr(config, role)
-        if name not in names:
-            raise ValueError(f"{key}.{role}: {name!r} is not defined under models {names}")
-        if not any(name in w.models for w in server.workers):
-            raise ValueError(f"{key}.{role}: no entry of workers hosts {name!r}")
+    check_hosted(server, key, [("slm", config.slm), ("llm", config.llm)])
     if config.slm == config.llm:
         raise ValueError(f"{key}.llm: must differ from slm ({config.slm!r})")
     slm, llm = (server.model(n) for n in (config.slm, config.llm))

@@ -62,6 +62,27 @@ class Single(Pipeline):
         return handle is not None and await abort_on([(handle, request_id)])
 
 
+class MultiWorkerPipeline(Pipeline):
+    """A pipeline whose request runs on several workers: `active` holds each running request's (worker,
+    its id there) pairs, `aborted` the requests told to stop (drivers check it between worker calls)."""
+
+    def __init__(self, config: BaseModel, pool):
+        super().__init__(config, pool)
+        self.active: dict[str, list[tuple[WorkerHandle, str]]] = {}
+        self.aborted: set[str] = set()
+
+    def forget(self, request_id: str) -> None:
+        self.active.pop(request_id, None)
+        self.aborted.discard(request_id)
+
+    async def abort(self, request_id: str) -> bool:
+        placed = self.active.get(request_id)
+        if placed is None:
+            return False
+        self.aborted.add(request_id)
+        return await abort_on(placed)
+
+
 async def abort_on(placed: list[tuple[WorkerHandle, str]]) -> bool:
     """Abort each (worker, request id there); True when a ready worker took an abort."""
     done = False

@@ -12,9 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from c2c.t2t import answer_messages, context_messages
 from orchestrator.errors import StatusError
-from orchestrator.pipelines.base import Params, Pipeline, PipelineRequest
+from orchestrator.pipelines.base import Params, PipelineRequest, check_hosted
 from orchestrator.pipelines.single import (
-    abort_on,
+    MultiWorkerPipeline,
     chunk_of,
     final_of,
     relay,
@@ -50,7 +50,7 @@ class T2TParams(Params):
     context_tokens: int | None = Field(None, ge=1, description="most tokens of context; unset: the pipeline's default")
 
 
-class T2T(Pipeline):
+class T2T(MultiWorkerPipeline):
     name = "t2t"
     description = DESCRIPTION
     Config = T2TConfig
@@ -59,19 +59,12 @@ class T2T(Pipeline):
 
     def __init__(self, config: T2TConfig, pool):
         super().__init__(config, pool)
-        self.active: dict[str, list[tuple[WorkerHandle, str]]] = {}
-        self.aborted: set[str] = set()
         self.description = f"{DESCRIPTION} Receiver {config.receiver!r}, sharer {config.sharer!r}."
 
     @classmethod
     def check_config(cls, config: T2TConfig, server) -> None:
-        names, key = [m.name for m in server.models], f"pipelines.{cls.name}"
-        for role in ("receiver", "sharer"):
-            name = getattr(config, role)
-            if name not in names:
-                raise ValueError(f"{key}.{role}: {name!r} is not defined under models {names}")
-            if not any(name in w.models for w in server.workers):
-                raise ValueError(f"{key}.{role}: no entry of workers hosts {name!r}")
+        key = f"pipelines.{cls.name}"
+        check_hosted(server, key, [("receiver", config.receiver), ("sharer", config.sharer)])
         if config.receiver == config.sharer:
             raise ValueError(f"{key}.sharer: must differ from receiver ({config.receiver!r})")
 
@@ -127,8 +120,7 @@ class T2T(Pipeline):
                         final.pipeline_stats.update(stats, receiver_s=time.perf_counter() - started)
                         yield final
         finally:
-            self.active.pop(rid, None)
-            self.aborted.discard(rid)
+            self.forget(rid)
 
     async def _context(self, request: PipelineRequest, question: str) -> tuple[str | None, int]:
         """The sharer's context text and its token count; (None, 0) when the request was aborted meanwhile."""
@@ -154,13 +146,6 @@ class T2T(Pipeline):
         if rid in self.aborted:
             return None, 0
         return "".join(texts).strip(), tokens
-
-    async def abort(self, request_id: str) -> bool:
-        placed = self.active.get(request_id)
-        if placed is None:
-            return False
-        self.aborted.add(request_id)
-        return await abort_on(placed)
 
 
 async def _tokenize(handle: WorkerHandle, model: str, messages: list[dict[str, str]]) -> list[int]:
