@@ -54,3 +54,34 @@ def wait_ready(address: str, timeout: float = 60.0) -> None:
             pass
         time.sleep(0.1)
     raise AssertionError(f"{address} not ready within {timeout} s")
+
+
+def check_cancel_and_abort_free_blocks(s, request) -> None:
+    """A long request (`request(request_id)`) cancelled by the client, then another aborted by id while it
+    streams: the first frees every block; the second ends CANCELLED after a final with finish reason abort."""
+    import threading
+
+    call = s.Generate(request("cancel-me"))
+    for _, msg in zip(range(3), call):
+        assert msg.HasField("chunk")
+    call.cancel()
+    wait_blocks_free(s)
+
+    msgs, errors = [], []
+
+    def consume():
+        try:
+            msgs.extend(s.Generate(request("abort-me")))
+        except grpc.RpcError as e:
+            errors.append(e)
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    deadline = time.monotonic() + 10
+    while not msgs and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert s.Abort(pb.AbortRequest(request_ids=["abort-me"])).aborted == ["abort-me"]
+    reader.join(10)
+    assert errors and errors[0].code() == grpc.StatusCode.CANCELLED
+    assert msgs[-1].HasField("final") and msgs[-1].final.finish_reason == pb.FINISH_REASON_ABORT
+    wait_blocks_free(s)

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 import torch
-from grpc_helpers import sampling, stub, wait_blocks_free
+from grpc_helpers import check_cancel_and_abort_free_blocks, sampling, stub, wait_blocks_free
 
 from orchestrator.config import ConfigError, parse
 from tandem.v1 import orchestrator_pb2 as pb
@@ -265,30 +263,7 @@ def _long_request(rid: str) -> pb.GenerateRequest:
 
 
 def test_cancel_and_abort_free_every_worker(s):
-    call = s.Generate(_long_request("cancel-me"))
-    for _, msg in zip(range(3), call):
-        assert msg.HasField("chunk")
-    call.cancel()
-    wait_blocks_free(s)
-
-    msgs, errors = [], []
-
-    def consume():
-        try:
-            msgs.extend(s.Generate(_long_request("abort-me")))
-        except grpc.RpcError as e:
-            errors.append(e)
-
-    reader = threading.Thread(target=consume)
-    reader.start()
-    deadline = time.monotonic() + 10
-    while not msgs and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert s.Abort(pb.AbortRequest(request_ids=["abort-me"])).aborted == ["abort-me"]
-    reader.join(10)
-    assert errors and errors[0].code() == grpc.StatusCode.CANCELLED
-    assert msgs[-1].HasField("final") and msgs[-1].final.finish_reason == pb.FINISH_REASON_ABORT
-    wait_blocks_free(s)
+    check_cancel_and_abort_free_blocks(s, _long_request)
 
 
 def test_sdk_sessions_and_listing(servers):
