@@ -31,6 +31,18 @@ def _data(value: Optional[str]) -> Optional[str]:
     return str(Path(value).expanduser().resolve()) if value else None
 
 
+def _run(run_eval, spec, threads: Optional[int], progress: bool) -> None:
+    """Run an evaluation with `threads` torch CPU threads (None: torch's default); its errors exit 2."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        run_eval(spec, typer.echo, progress)
+    except TandemError as e:
+        fail(str(e))
+
+
 def _floats(option: str, value: str) -> list[float]:
     try:
         return [float(x) for x in value.split(",") if x.strip()]
@@ -80,14 +92,7 @@ def r2r_cmd(
         data=_data(data), dtype=dtype, max_new_tokens=max_new_tokens, batch=batch, match=match,
         calibration=item_range("--calibration-items", calibration_items), kv_cache_mb=kv_cache_mb, seed=seed,
         llm_min_rows=llm_min_rows)
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
-    try:
-        run_eval(spec, typer.echo, progress)
-    except TandemError as e:
-        fail(str(e))
+    _run(run_eval, spec, threads, progress)
 
 
 @eval_app.command("c2c")
@@ -122,11 +127,4 @@ def c2c_cmd(
                        out=str(out), fuser=str(Path(fuser).expanduser().resolve()) if fuser else None, tasks=names,
                        items=items, configs=[c.strip() for c in configs.split(",") if c.strip()], dtype=dtype,
                        batch=batch, max_new_tokens=max_new_tokens, context_tokens=context_tokens, seed=seed)
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
-    try:
-        run_eval(spec, typer.echo, progress)
-    except TandemError as e:
-        fail(str(e))
+    _run(run_eval, spec, threads, progress)

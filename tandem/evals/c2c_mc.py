@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tandem.evals.stats import wilson
-from tandem.evals.store import EvalError, RunConfig, Store
+from tandem.evals.store import EvalError, RunConfig, Store, read_jsonl
 from tandem.mc_datasets import MMLU, MCItem, extract_choice, mc_items, mc_messages
 
 CONFIGS = ("receiver", "sharer", "t2t", "c2c")
@@ -141,14 +141,10 @@ def run_eval(spec: C2CEvalSpec, echo: Callable[[str], None] = print, progress: b
 
 
 def _done_keys(store: Store, cfg: RunConfig) -> set[tuple[str, int]]:
-    from tandem.evals.store import read_jsonl
-
     return {(r["task"], r["index"]) for r in read_jsonl(store.path(cfg))}
 
 
 def write(spec: C2CEvalSpec, store: Store, items: dict[str, list[MCItem]], echo: Callable[[str], None]) -> dict:
-    from tandem.evals.store import read_jsonl
-
     results: dict[str, dict[str, dict]] = {}
     for config in spec.configs:
         rows = read_jsonl(store.path(RunConfig(config, config)))
