@@ -31,7 +31,6 @@ tiny random models and a small fuser, for a smoke test in seconds.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import copy
 import json
 import platform
@@ -46,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+from c2c_transfer import colocated_transfer, disaggregated_transfer, log, sync  # noqa: E402
 from decode_step_gpu import SHAPES, NullTokenizer, config  # noqa: E402
 
 from c2c import colocated  # noqa: E402
@@ -61,7 +61,6 @@ TINY = {
 }
 TARGET_C2C_OVER_T2T = 0.4
 TARGET_FUSER_OVER_PREFILL = 0.15
-MAX_MESSAGE_BYTES = 1 << 30
 
 
 class IdTokenizer(NullTokenizer):
@@ -72,15 +71,6 @@ class IdTokenizer(NullTokenizer):
 
     def get_vocab(self) -> dict:
         return {}
-
-
-def sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def log(msg: str) -> None:
-    print(f"[c2c_speed {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def random_model(shape: str, device: str, dtype: torch.dtype):
@@ -245,83 +235,6 @@ class Bench:
                 if o.request_id == rid and o.finished:
                     raise RuntimeError(f"sharer prefill {rid} ended: {o.finish_reason} {o.error or ''}")
 
-    def colocated_transfer(self, p: int) -> dict:
-        rid = self.prefilled_sharer(p)
-        rows = []
-        try:
-            for _ in range(self.args.repeats + 1):
-                sync()
-                t0 = time.perf_counter()
-                nbytes = 0
-                for run in self.sharer_layer_runs():
-                    kv = self.engine.export_kv(rid, run, 0, p - 1)
-                    nbytes += 2 * kv.k.numel() * kv.k.element_size()
-                sync()
-                rows.append({"s": time.perf_counter() - t0, "bytes": nbytes})
-        finally:
-            self.engine.release(rid)
-            self.engine.step()
-        rows = rows[1:]
-        sec = statistics.median(r["s"] for r in rows)
-        return {"bytes": rows[0]["bytes"], "ms": round(sec * 1e3, 3), "GB_s": round(rows[0]["bytes"] / sec / 1e9, 2)}
-
-
-async def disaggregated_transfer(bench: Bench, lengths: list[int]) -> dict[int, dict]:
-    """The sharer's KV through a worker's real ExportKV RPC on loopback, decoded and copied to the device.
-    The worker serves this same engine (its thread steps it from here on)."""
-    import grpc
-
-    from tandem.v1 import orchestrator_pb2 as pb
-    from tandem.v1 import worker_pb2 as wpb
-    from tandem.v1 import worker_pb2_grpc
-    from workers.convert import kv_from_proto
-    from workers.service import grpc_options, start_worker_server
-
-    device = bench.engine.model("recv").runner.device
-    server, loop, port = await start_worker_server(bench.engine, device=str(device), max_message_bytes=MAX_MESSAGE_BYTES)
-    out: dict[int, dict] = {}
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=grpc_options(MAX_MESSAGE_BYTES)) as channel:
-            stub = worker_pb2_grpc.WorkerStub(channel)
-            for p in lengths:
-                n, rid = p - 1, f"rpc-xfer-{p}-{time.monotonic_ns()}"
-                stream = stub.Generate(wpb.WorkerGenerateRequest(
-                    request_id=rid, model="shr", prompt_token_ids=bench.prompt(n), prefill_only=True, cache_salt=rid,
-                    sampling=pb.SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)))
-                first = await stream.read()
-                assert first.ready, first
-                rows = []
-                for _ in range(bench.args.repeats + 1):
-                    sync()
-                    t0 = time.perf_counter()
-                    msgs = [await stub.ExportKV(wpb.ExportKVRequest(request_id=rid, layer_start=r.start, layer_end=r.stop,
-                                                                    start=0, end=n))
-                            for r in bench.sharer_layer_runs()]
-                    t1 = time.perf_counter()
-                    slices = [kv_from_proto(m) for m in msgs]
-                    t2 = time.perf_counter()
-                    on_device = [(s.k.to(device), s.v.to(device)) for s in slices]
-                    sync()
-                    t3 = time.perf_counter()
-                    assert all(k.shape[1] == n for k, _ in on_device)
-                    rows.append({"rpc": t1 - t0, "decode": t2 - t1, "to_device": t3 - t2, "total": t3 - t0,
-                                 "bytes": sum(len(m.k.data) + len(m.v.data) for m in msgs)})
-                await stub.Release(wpb.RequestRef(request_id=rid))
-                while await stream.read() is not grpc.aio.EOF:
-                    pass
-                rows = rows[1:]
-                med = {k: statistics.median(r[k] for r in rows) for k in ("rpc", "decode", "to_device", "total")}
-                nbytes = rows[0]["bytes"]
-                out[p] = {"bytes": nbytes, "ms": round(med["total"] * 1e3, 3), "GB_s": round(nbytes / med["total"] / 1e9, 2),
-                          "rpc_ms": round(med["rpc"] * 1e3, 3), "kv_from_proto_ms": round(med["decode"] * 1e3, 3),
-                          "to_device_ms": round(med["to_device"] * 1e3, 3)}
-                log(f"P={p} disaggregated transfer {json.dumps(out[p])}")
-    finally:
-        await server.stop(None)
-        loop.stop()
-    return out
-
-
 def medians(rows: list[dict]) -> dict:
     keys = [k for k, v in rows[0].items() if isinstance(v, (int, float))]
     med = {k: statistics.median(r[k] for r in rows) for k in keys}
@@ -456,7 +369,7 @@ def main() -> None:
                "sharer_prefill_alone": timed(bench, "sharer_prefill", p, args.repeats)}
         row["c2c"] = timed(bench, "c2c", p, args.repeats)
         row["t2t"] = timed(bench, "t2t", p, args.repeats)
-        row["transfer"] = {"colocated": bench.colocated_transfer(p)}
+        row["transfer"] = {"colocated": colocated_transfer(bench, p)}
         log(f"P={p} co-located transfer {json.dumps(row['transfer']['colocated'])}")
         rc, tt, ra = row["c2c"], row["t2t"], row["receiver_alone"]
         row["c2c_over_receiver_alone"] = round(rc["e2e_ms"] / ra["e2e_ms"], 4)
@@ -467,7 +380,7 @@ def main() -> None:
 
     log("disaggregated transfer: a worker server on loopback")
     try:
-        for p, figures in asyncio.run(disaggregated_transfer(bench, lengths)).items():
+        for p, figures in disaggregated_transfer(bench, lengths).items():
             report["prompts"][str(p)]["transfer"]["disaggregated"] = figures
     except Exception as e:      # e.g. no generated gRPC code (tandem/v1) and no grpcio-tools to build it
         log(f"disaggregated transfer failed: {e!r}")
