@@ -68,10 +68,11 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     session_steps: int | None = None      # stop (with a checkpoint) after this many steps in this run
+    prefill_cache: bool = False           # keep each example's frozen prefills under out/prefills for later epochs
 
     def fixed(self) -> dict:
         """What must not change between a run and its resumption."""
-        loose = ("out", "save_every", "eval_every", "log_every", "session_steps", "device")
+        loose = ("out", "save_every", "eval_every", "log_every", "session_steps", "device", "prefill_cache")
         return {k: v for k, v in asdict(self).items() if k not in loose}
 
 
@@ -81,6 +82,7 @@ class Example:
     sharer: list[int]        # the sharer's aligned ids of the prompt
     fuse: list[bool]
     response: list[int]      # receiver ids the loss is taken on
+    key: int | None = None   # its place in the run's example list: the name of its cached prefills
 
 
 def build_example(messages: list[dict[str, str]], aligner: TokenAligner, max_length: int) -> Example | None:
@@ -130,6 +132,7 @@ class PairModels:
     """The frozen receiver and sharer as transformers models, and the fused-cache loss."""
 
     def __init__(self, receiver: str, sharer: str, device: str = "cpu", dtype: str = "auto"):
+        self.store: Path | None = None    # a directory of cached prefills (`TrainConfig.prefill_cache`)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device(device)
@@ -150,8 +153,17 @@ class PairModels:
         return dict(enumerate(_entries(cache)))
 
     def caches(self, ex: Example) -> tuple[KVDict, KVDict]:
+        path = self.store / f"{ex.key}.pt" if self.store is not None and ex.key is not None else None
+        if path is not None and path.is_file():
+            return torch.load(path, map_location=self.device)
         ctx = len(ex.prompt) - 1
-        return self._prefill(self.receiver, ex.prompt[:ctx]), self._prefill(self.sharer, ex.sharer[:ctx])
+        pair = self._prefill(self.receiver, ex.prompt[:ctx]), self._prefill(self.sharer, ex.sharer[:ctx])
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(tuple({n: (k.contiguous(), v.contiguous()) for n, (k, v) in kv.items()} for kv in pair),
+                       path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)
+        return pair
 
     def fused_cache(self, fuser: Fuser | None, ex: Example):
         from transformers import DynamicCache
@@ -180,9 +192,15 @@ class PairModels:
         return F.cross_entropy(self.logits(fuser, ex), target, reduction="sum")
 
     @torch.no_grad()
-    def mean_loss(self, fuser: Fuser | None, examples: list[Example]) -> float:
-        total = sum(float(self.loss(fuser, ex)) for ex in examples)
-        return total / max(1, sum(len(ex.response) for ex in examples))
+    def validate(self, fuser: Fuser | None, examples: list[Example]) -> tuple[float, float]:
+        """Mean loss per response token, and the share of examples whose whole response is the greedy choice
+        under teacher forcing (for a multiple-choice answer "The answer is X.": its accuracy)."""
+        loss, match = 0.0, 0
+        for ex in examples:
+            logits, target = self.logits(fuser, ex), torch.tensor(ex.response, device=self.device)
+            loss += float(F.cross_entropy(logits, target, reduction="sum"))
+            match += bool((logits.argmax(-1) == target).all())
+        return loss / max(1, sum(len(ex.response) for ex in examples)), match / max(1, len(examples))
 
 
 def batch_indices(step: int, batch: int, n: int, seed: int) -> list[int]:
@@ -214,6 +232,9 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, models: PairMod
     models = models or PairModels(cfg.receiver, cfg.sharer, cfg.device, cfg.dtype)
     aligner = TokenAligner(models.rtok, models.stok, cfg.alignment)
     examples = [ex for m in load_messages(cfg) if (ex := build_example(m, aligner, cfg.max_length))]
+    for key, ex in enumerate(examples):
+        ex.key = key
+    models.store = out / "prefills" if cfg.prefill_cache else None
     if len(examples) < 2:
         raise TrainError(f"{len(examples)} usable example(s): need at least 2 (check --data and --max-length)")
     n_val = min(len(examples) - 1, max(1, round(cfg.val_fraction * len(examples)))) if cfg.val_fraction > 0 else 0
@@ -230,7 +251,8 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, models: PairMod
         echo(f"resumed {out} at step {step}/{cfg.steps}")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        state["receiver_val_loss"] = models.mean_loss(None, val) if val else None
+        if val:
+            state["receiver_val_loss"], state["receiver_val_match"] = models.validate(None, val)
     echo(f"{models.pair}\n{len(train_set)} training and {len(val)} validation examples; "
          f"fuser {sum(p.numel() for p in fuser.parameters()) / 1e6:.2f}M parameters on {models.device}")
     anneal = cfg.anneal_steps or cfg.steps
@@ -254,21 +276,23 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, models: PairMod
         losses.append(total)
         record = {"step": step, "loss": total, "tau": fuser.tau, "lr": sched.get_last_lr()[0]}
         if cfg.eval_every and step % cfg.eval_every == 0 and val:
-            val_loss = record["val_loss"] = models.mean_loss(fuser.eval(), val)
+            val_loss, record["val_match"] = models.validate(fuser.eval(), val)
+            record["val_loss"] = val_loss
         _append(out / HISTORY, record)
         if step % max(1, cfg.log_every) == 0 or step == stop:
             fuser.eval()
             gates = sum(k + v for k, v in fuser.open_layers().values())
-            extra = f"  val {record['val_loss']:.4f}" if "val_loss" in record else ""
+            extra = f"  val {record['val_loss']:.4f} match {record['val_match']:.3f}" if "val_loss" in record else ""
             echo(f"step {step}/{cfg.steps}  loss {total:.4f}{extra}  tau {fuser.tau:.4f}  "
                  f"open gates {gates}/{2 * fcfg.receiver.num_layers}  lr {record['lr']:.2e}  "
                  f"{(time.perf_counter() - t0) / len(losses):.2f}s/step")
         if step % max(1, cfg.save_every) == 0 or step == stop:
             if step == cfg.steps and val:
-                val_loss = models.mean_loss(fuser.eval(), val)
+                val_loss, state["val_match"] = models.validate(fuser.eval(), val)
             _save(out, cfg, models.pair, fuser, opt, sched, {**state, "step": step, "val_loss": val_loss})
     if step == cfg.steps and val_loss is not None:
-        echo(f"validation loss {val_loss:.4f} with the fuser, {state['receiver_val_loss']:.4f} for the receiver alone")
+        echo(f"validation loss {val_loss:.4f} with the fuser, {state['receiver_val_loss']:.4f} for the receiver alone; "
+             f"responses matched {state['val_match']:.3f} and {state['receiver_val_match']:.3f}")
     return TrainResult(step, losses, val_loss, state.get("receiver_val_loss"), str(out))
 
 
@@ -300,8 +324,8 @@ def _save(out: Path, cfg: TrainConfig, pair, fuser: Fuser, opt, sched, state: di
     tmp = out / (STATE + ".tmp")
     torch.save(full, tmp)
     os.replace(tmp, out / STATE)
-    meta = {"alignment": cfg.alignment, "step": state["step"], "val_loss": state.get("val_loss"),
-            "receiver_val_loss": state.get("receiver_val_loss"), "training": cfg.fixed()}
+    meta = {"alignment": cfg.alignment, "step": state["step"], "training": cfg.fixed(),
+            **{k: state.get(k) for k in ("val_loss", "receiver_val_loss", "val_match", "receiver_val_match")}}
     checkpoint.save(out, fuser, pair, meta)
 
 

@@ -55,6 +55,8 @@ def train_cmd(
     eval_every: int = typer.Option(0, "--eval-every", min=0),
     log_every: int = typer.Option(10, "--log-every", min=1),
     seed: int = typer.Option(0, "--seed"),
+    prefill_cache: bool = typer.Option(False, "--prefill-cache", help="Keep each example's frozen-model prefills "
+                                       "under OUT/prefills (a few MB each) so later epochs skip them."),
 ) -> None:
     """Train a fuser: both models frozen, next-token loss of the receiver on response tokens."""
     from c2c.align import STRATEGIES
@@ -80,7 +82,8 @@ def train_cmd(
         val_fraction=val_fraction, steps=steps, batch=batch, lr=lr, weight_decay=weight_decay, hidden=hidden,
         intermediate=intermediate, depth=depth, dropout=dropout, mapping=mapping, alignment=alignment,
         max_length=max_length, device=device, dtype=dtype, save_every=save_every, eval_every=eval_every,
-        log_every=log_every, seed=seed, session_steps=session_steps)
+        log_every=log_every, seed=seed, session_steps=session_steps,
+        prefill_cache=prefill_cache)
     try:
         train(cfg, typer.echo)
     except TandemError as e:

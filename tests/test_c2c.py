@@ -318,6 +318,11 @@ def test_training_lowers_the_loss_and_resumes(paths, tmp_path):
     doc = json.loads((tmp_path / "split" / "fuser.json").read_text())
     assert doc["step"] == 8 and doc["pair"]["receiver"]["name"] == "qwen3-0"
     assert doc["pair"]["sharer"]["name"] == "llama-other-tok"
+    cached = train(TrainConfig(out=str(tmp_path / "cached"), prefill_cache=True, **kw), lambda _: None, models)
+    c = checkpoint.load(tmp_path / "cached")[0].state_dict()
+    assert cached.losses == whole.losses and all(torch.equal(a[k], c[k]) for k in a)   # later epochs read the cache
+    assert len(list((tmp_path / "cached" / "prefills").glob("*.pt"))) == 8
+    assert doc["val_match"] is not None and 0 <= doc["receiver_val_match"] <= 1
     bad = CliRunner().invoke(app, args + ["--mapping", "sideways"])
     assert bad.exit_code == 2 and "--mapping" in bad.output
     with pytest.raises(CheckpointError, match="holds a run for receiver qwen3-0"):
