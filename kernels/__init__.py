@@ -7,7 +7,8 @@ import torch
 from kernels import reference
 from kernels.metadata import AttentionMetadata, build_metadata
 
-__all__ = ["AttentionMetadata", "build_metadata", "paged_attention", "store_kv", "add_rmsnorm", "rotary_"]
+__all__ = ["AttentionMetadata", "build_metadata", "paged_attention", "store_kv", "add_rmsnorm", "rotary_",
+           "rope_store_kv", "act_mul"]
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -49,3 +50,20 @@ def rotary_(x, cos, sin, positions):
 
         return triton_rotary(x, cos, sin, positions)
     return reference.rotary_ref(x, cos, sin, positions)
+
+
+def rope_store_kv(q, k, v, cos, sin, positions, k_cache, v_cache, slots) -> None:
+    """`rotary_` on q and k, then `store_kv`, in one launch on CUDA."""
+    if q.is_cuda:
+        from kernels.triton_kv import rope_store_kv as triton_rope_store_kv
+
+        return triton_rope_store_kv(q, k, v, cos, sin, positions, k_cache, v_cache, slots)
+    return reference.rope_store_kv_ref(q, k, v, cos, sin, positions, k_cache, v_cache, slots)
+
+
+def act_mul(gate_up, activation: str):
+    if gate_up.is_cuda:
+        from kernels.triton_act import act_mul as triton_act_mul
+
+        return triton_act_mul(gate_up, activation)
+    return reference.act_mul_ref(gate_up, activation)

@@ -155,3 +155,19 @@ def rotary_ref(x, cos, sin, positions):
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     x.copy_(torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1))
     return x
+
+
+def rope_store_kv_ref(q, k, v, cos, sin, positions, k_cache, v_cache, slots) -> None:
+    """Oracle of `triton_kv.rope_store_kv`."""
+    rotary_ref(q, cos, sin, positions)
+    rotary_ref(k, cos, sin, positions)
+    store_kv_ref(k_cache, v_cache, k, v, slots)
+
+
+def act_mul_ref(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """Oracle of `triton_act.act_mul`."""
+    import torch.nn.functional as F
+
+    gate, up = gate_up.chunk(2, dim=-1)
+    act = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}[activation]
+    return act(gate) * up

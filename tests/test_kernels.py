@@ -8,7 +8,8 @@ pytest.importorskip("triton")
 from kernels import reference as ref  # noqa: E402
 from kernels.triton_decode import decode_attention  # noqa: E402
 from kernels.triton_extend import extend_attention  # noqa: E402
-from kernels.triton_kv import store_kv  # noqa: E402
+from kernels.triton_act import ACTS, act_mul  # noqa: E402
+from kernels.triton_kv import rope_store_kv, store_kv  # noqa: E402
 from kernels.triton_norm_rope import add_rmsnorm, rotary_  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -156,4 +157,36 @@ def test_rotary(dtype, d):
     pos = torch.tensor([0, 1, 5, 63, 2, 2, 30], device=DEV)
     got = rotary_(x.clone(), cos, sin, pos)
     want = ref.rotary_ref(x.clone(), cos, sin, pos)
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype] * 5, rtol=TOL[dtype] * 5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads,kv_heads,d", [(2, 2, 64), (4, 2, 128), (7, 1, 256), (14, 2, 64)])
+def test_rope_store_kv_is_rotary_then_store(dtype, heads, kv_heads, d):
+    from workers.models.spec import rope_cache
+
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    cos, sin = (t.to(dtype).to(DEV) for t in rope_cache(inv, 1.0, 80))
+    fused = torch.randn(5, (heads + 2 * kv_heads) * d).to(dtype).to(DEV)       # strided rows, as after qkv_proj
+    q, k, v = (x.view(5, -1, d) for x in fused.split([heads * d, kv_heads * d, kv_heads * d], dim=-1))
+    pos = torch.tensor([0, 17, 79, 3, 3], device=DEV)
+    slots = torch.tensor([5, 33, -1, 0, 47], device=DEV)
+    kc = torch.zeros(3, PAGE, kv_heads, d, dtype=dtype, device=DEV)
+    vc = torch.zeros_like(kc)
+    want = [x.clone() for x in (q, k, v, kc, vc)]
+    ref.rope_store_kv_ref(*want[:3], cos, sin, pos, want[3], want[4], slots)
+    rope_store_kv(q, k, v, cos, sin, pos, kc, vc, slots)
+    for got, exp in zip((q, k, v, kc, vc), want):
+        torch.testing.assert_close(got.float(), exp.float(), atol=TOL[dtype] * 5, rtol=TOL[dtype] * 5)
+    assert torch.equal(vc, want[4])                            # V is copied, never rounded
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", list(ACTS))
+@pytest.mark.parametrize("rows,inner", [(1, 96), (3, 1100)])
+def test_act_mul(dtype, activation, rows, inner):
+    x = (2 * torch.randn(rows, 2 * inner)).to(dtype).to(DEV)
+    got = act_mul(x, activation)
+    want = ref.act_mul_ref(x, activation)
+    assert got.shape == (rows, inner)
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype] * 5, rtol=TOL[dtype] * 5)

@@ -21,13 +21,18 @@ class ForwardBatch:
     v_caches: list[torch.Tensor]
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
-    def rotate(self, layer_type: str, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotate_and_store(self, layer: int, layer_type: str, q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding on q and k, then k and v into the layer's cache slots; returns the rotated q."""
         cos, sin = self.rope[layer_type]
-        pos = self.meta.positions
+        pos, slots = self.meta.positions, self.meta.slot_mapping
+        k_cache, v_cache = self.k_caches[layer], self.v_caches[layer]
         if q.is_cuda:
-            return kernels.rotary_(q, cos, sin, pos), kernels.rotary_(k, cos, sin, pos)
+            kernels.rope_store_kv(q, k, v, cos, sin, pos, k_cache, v_cache, slots)
+            return q
         cos, sin = self.meta.memo(("rope", layer_type), lambda: (cos[pos], sin[pos]))
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        kernels.store_kv(k_cache, v_cache, apply_rotary(k, cos, sin), v, slots)
+        return apply_rotary(q, cos, sin)
 
 
 class Attention(nn.Module):
@@ -56,10 +61,9 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]
-        q, k = batch.rotate(self.layer_type, q, k)
-        k_cache, v_cache = batch.k_caches[self.layer], batch.v_caches[self.layer]
-        kernels.store_kv(k_cache, v_cache, k, v, batch.meta.slot_mapping)
-        o = kernels.paged_attention(q, k_cache, v_cache, batch.meta, self.scale, self.window)
+        q = batch.rotate_and_store(self.layer, self.layer_type, q, k, v)
+        o = kernels.paged_attention(q, batch.k_caches[self.layer], batch.v_caches[self.layer], batch.meta,
+                                    self.scale, self.window)
         return self.o_proj(o.reshape(t, self.q_size))
 
 
