@@ -8,7 +8,7 @@ from kernels import reference
 from kernels.metadata import AttentionMetadata, build_metadata
 
 __all__ = ["AttentionMetadata", "build_metadata", "paged_attention", "store_kv", "add_rmsnorm", "rotary_",
-           "rope_store_kv", "act_mul"]
+           "rope_store_kv", "act_mul", "linear"]
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -67,3 +67,12 @@ def act_mul(gate_up, activation: str):
 
         return triton_act_mul(gate_up, activation)
     return reference.act_mul_ref(gate_up, activation)
+
+
+def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    """`layer(x)`; a single half-precision row on CUDA (the batch-1 decode step) takes the Triton GEMV."""
+    if x.is_cuda and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16):
+        from kernels.triton_gemv import gemv
+
+        return gemv(x, layer.weight, layer.bias)
+    return layer(x)

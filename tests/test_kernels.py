@@ -190,3 +190,16 @@ def test_act_mul(dtype, activation, rows, inner):
     want = ref.act_mul_ref(x, activation)
     assert got.shape == (rows, inner)
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype] * 5, rtol=TOL[dtype] * 5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,k,bias", [(1, 64, False), (37, 96, True), (300, 1100, True), (9, 4864, False)])
+def test_gemv_is_linear(dtype, n, k, bias):
+    from kernels.triton_gemv import gemv
+
+    w = (torch.randn(n, k) / k**0.5).to(dtype).to(DEV)
+    b = torch.randn(n).to(dtype).to(DEV) if bias else None
+    x = torch.randn(1, k).to(dtype).to(DEV)
+    got = gemv(x, w, b)
+    want = torch.nn.functional.linear(x.float(), w.float(), b.float() if bias else None)
+    torch.testing.assert_close(got.float(), want, atol=TOL[dtype] * 10, rtol=TOL[dtype] * 10)

@@ -55,7 +55,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = kernels.linear(x, self.qkv_proj).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -64,7 +64,7 @@ class Attention(nn.Module):
         q = batch.rotate_and_store(self.layer, self.layer_type, q, k, v)
         o = kernels.paged_attention(q, batch.k_caches[self.layer], batch.v_caches[self.layer], batch.meta,
                                     self.scale, self.window)
-        return self.o_proj(o.reshape(t, self.q_size))
+        return kernels.linear(o.reshape(t, self.q_size), self.o_proj)
 
 
 class DecoderLayer(nn.Module):

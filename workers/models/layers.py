@@ -46,8 +46,8 @@ class GatedMLP(nn.Module):
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        gate_up = kernels.linear(x, self.gate_up_proj)
         if gate_up.is_cuda:
-            return self.down_proj(kernels.act_mul(gate_up, self.activation))
+            return kernels.linear(kernels.act_mul(gate_up, self.activation), self.down_proj)
         gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(self.act(gate) * up)

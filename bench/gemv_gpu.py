@@ -1,0 +1,84 @@
+"""Batch-1 linear layers at the Qwen2.5 shapes: the Triton GEMV (`kernels/triton_gemv.py`) over a sweep of
+tile configurations, beside cuBLAS (`F.linear`) in the same run. Bandwidth = weight bytes / time.
+
+    python bench/gemv_gpu.py [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+SHAPES = {  # (N, K) per layer: qkv, o, gate_up, down
+    "qwen2.5-0.5b": [(1152, 896), (896, 896), (9728, 896), (896, 4864)],
+    "qwen2.5-1.5b": [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960)],
+    "qwen2.5-7b": [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)],
+}
+CONFIGS = [(bn, bk, w) for bn in (2, 4, 8, 16) for bk in (128, 256, 512) for w in (2, 4, 8)]
+
+
+def us(fn, reps: int = 200) -> float:
+    """Median of graph-captured replays, as the decode step runs them."""
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(20):
+            fn()
+    times = []
+    for _ in range(reps // 20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / 20)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    from kernels.triton_gemv import config_for, gemv
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    rows = []
+    for shape, layers in SHAPES.items():
+        for n, k in layers:
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            err = (gemv(x, w, b).float() - F.linear(x, w, b).float()).abs().max().item()
+            cublas = us(lambda: F.linear(x, w))
+            sweep = {}
+            for cfg in CONFIGS:
+                try:
+                    sweep[cfg] = us(lambda: gemv(x, w, config=cfg))
+                except Exception:
+                    continue
+            best = min(sweep, key=sweep.get)
+            default = us(lambda: gemv(x, w))
+            gb = n * k * 2 / 1e9
+            row = {"shape": shape, "N": n, "K": k, "cublas_us": round(cublas, 2), "gemv_default_us": round(default, 2),
+                   "default_config": config_for(n, k), "best_us": round(sweep[best], 2), "best_config": best,
+                   "cublas_TBs": round(gb / cublas * 1e3, 2), "default_TBs": round(gb / default * 1e3, 2),
+                   "best_TBs": round(gb / sweep[best] * 1e3, 2), "max_abs_err_vs_cublas": err,
+                   "top5": sorted(((round(v, 2), c) for c, v in sweep.items()))[:5]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "gemv.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
