@@ -33,6 +33,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     enable_prefix_caching: bool = True
     seed: int = 0
+    overlap: bool = True                  # CUDA: launch the next decode step before reading this one's tokens
 
     def __post_init__(self) -> None:
         if not self.models:

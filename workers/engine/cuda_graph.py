@@ -1,6 +1,7 @@
 """Decode steps captured in CUDA graphs at bucketed batch sizes."""
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,9 +36,15 @@ class DecodeGraphs:
         self.hidden = torch.zeros((n, runner.spec.hidden_size), dtype=runner.dtype, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
-        self._table = torch.zeros((n, self.max_blocks), dtype=torch.int32, pin_memory=True)
-        self._host = torch.zeros((4, n), dtype=torch.long, pin_memory=True)
-        self._rows: list[tuple[list | None, int]] = [(None, 0)] * n  # block-table list last written per row
+        # Two pinned staging buffers, used in turn: an overlapped step (see `overlap`) fills one while the
+        # copies out of the other may still be queued behind the step before it.
+        self._tables = [torch.zeros((n, self.max_blocks), dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self._hosts = [torch.zeros((4, n), dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._written: list[list[tuple[list | None, int]]] = [[(None, 0)] * n for _ in range(2)]  # table per row
+        self._turn = 0
+        self._homes = [torch.zeros(n, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._home_events = [torch.cuda.Event() for _ in range(2)]
+        self._home_turn = 0
         for b in reversed(self.buckets):
             self._capture(b)
 
@@ -55,6 +62,16 @@ class DecodeGraphs:
             page_size=self.runner.block_size, num_splits=self.runner.num_splits(b),
         )
 
+    def send_home(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Copy a step's sampled tokens to pinned host memory behind the step's work, into the one of two
+        buffers not holding the step before it (at most two steps are in flight); the event marks arrival."""
+        self._home_turn ^= 1
+        home = self._homes[self._home_turn][: tokens.shape[0]]
+        home.copy_(tokens, non_blocking=True)
+        event = self._home_events[self._home_turn]
+        event.record()
+        return home, event
+
     @torch.inference_mode()
     def _capture(self, b: int) -> None:
         fb = self.runner.forward_batch(self._meta(b))
@@ -62,41 +79,50 @@ class DecodeGraphs:
         for _ in range(2):
             self.hidden[:b] = model(self.input_ids[:b], fb)
         torch.cuda.synchronize()
+        gc.collect()   # no garbage may be freed inside the capture (a pinned buffer's release records an event)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             self.hidden[:b] = model(self.input_ids[:b], fb)
         self.pool = graph.pool()
         self.graphs[b] = graph
 
-    @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """One row per new token. A sequence with several new tokens (a short catch-up extend) becomes
         one decode row per token, each attending up to its own position: every row's K/V is stored
         before any row attends, so the rows see exactly the causal prefix."""
-        rows = [(s.seq, p) for s in batch for p in range(s.start, s.start + s.num_new)]
+        return self.run_rows([(s.seq, p) for s in batch for p in range(s.start, s.start + s.num_new)])
+
+    @torch.inference_mode()
+    def run_rows(self, rows: list, device_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `(sequence, position)`; with `device_ids` the rows' input tokens are read from that device
+        tensor (tokens sampled by a step the host has not read yet, see `overlap`)."""
         n = len(rows)
         b = next(x for x in self.buckets if x >= n)
         bs = self.runner.block_size
         ids, pos, slots, lens = [], [], [], []
-        table_np = self._table.numpy()
+        self._turn ^= 1
+        host, table_host, written_rows = self._hosts[self._turn], self._tables[self._turn], self._written[self._turn]
+        table_np = table_host.numpy()
         for i, (seq, p) in enumerate(rows):
-            ids.append(seq.token_ids[p])
+            ids.append(seq.token_ids[p] if device_ids is None else 0)
             pos.append(p)
             table = seq.block_table
             slots.append(table[p // bs] * bs + p % bs)
             lens.append(p + 1)
-            owner, written = self._rows[i]
+            owner, written = written_rows[i]
             if owner is not table:
                 written = 0
             if written < len(table):
                 table_np[i, written : len(table)] = table[written:]
-                self._rows[i] = (table, len(table))
+                written_rows[i] = (table, len(table))
         pad = b - n
-        self._host[:, :b] = torch.tensor([ids + [0] * pad, pos + [0] * pad, slots + [-1] * pad, lens + [0] * pad])
-        self.input_ids[:b].copy_(self._host[0, :b], non_blocking=True)
-        self.positions[:b].copy_(self._host[1, :b], non_blocking=True)
-        self.slots[:b].copy_(self._host[2, :b], non_blocking=True)
-        self.seq_lens[:b].copy_(self._host[3, :b], non_blocking=True)
-        self.block_tables[:b].copy_(self._table[:b], non_blocking=True)
+        host[:, :b] = torch.tensor([ids + [0] * pad, pos + [0] * pad, slots + [-1] * pad, lens + [0] * pad])
+        self.input_ids[:b].copy_(host[0, :b], non_blocking=True)
+        self.positions[:b].copy_(host[1, :b], non_blocking=True)
+        self.slots[:b].copy_(host[2, :b], non_blocking=True)
+        self.seq_lens[:b].copy_(host[3, :b], non_blocking=True)
+        self.block_tables[:b].copy_(table_host[:b], non_blocking=True)
+        if device_ids is not None:
+            self.input_ids[:n].copy_(device_ids)
         self.graphs[b].replay()
         return self.hidden[:n]

@@ -16,6 +16,7 @@ from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.model_runner import ModelRunner
 from workers.engine.outputs import KVSlice, RequestOutput, StepOutput
+from workers.engine.overlap import InFlight, chain, commit_chained, may_defer
 from workers.engine.policy import PolicyDecision, StepView, TokenPolicy
 from workers.engine.postprocess import append_token, finish_output
 from workers.engine.sampler import Sampler
@@ -33,6 +34,7 @@ class ResidentModel:
     scheduler: Scheduler
     policies: list[TokenPolicy]
     step_started: float = 0.0
+    in_flight: InFlight | None = None
 
     @property
     def tokenizer(self):
@@ -235,15 +237,18 @@ class Engine:
 
     @property
     def has_unfinished(self) -> bool:
-        return bool(self._inbox) or any(rm.scheduler.num_unfinished for rm in self.models.values())
+        return bool(self._inbox) or any(rm.scheduler.num_unfinished or rm.in_flight for rm in self.models.values())
 
     @property
     def has_work(self) -> bool:
-        return bool(self._inbox) or any(rm.scheduler.has_work for rm in self.models.values())
+        return bool(self._inbox) or any(rm.scheduler.has_work or rm.in_flight for rm in self.models.values())
 
     def step(self) -> list[StepOutput]:
         with self._lock:
             inbox, self._inbox = self._inbox, deque()
+        if inbox:
+            for rm in self.models.values():
+                self._land(rm)
         for fn in inbox:
             fn()
         for rm in self.models.values():
@@ -253,10 +258,36 @@ class Engine:
         outputs, self._outbox = self._outbox, []
         return outputs
 
+    def _land(self, rm: ResidentModel) -> None:
+        """Read and append the tokens of the step still in flight, if any."""
+        fl, rm.in_flight = rm.in_flight, None
+        if fl is not None:
+            self._finish(rm, fl)
+
     def _step_model(self, rm: ResidentModel) -> None:
+        if rm.in_flight is not None:
+            nxt = chain(self, rm, rm.in_flight)
+            self._land(rm)
+            if nxt is not None:
+                commit_chained(rm, nxt)
+                rm.in_flight = nxt
+                return
         batch = rm.scheduler.schedule()
         if not batch:
             return
+        fl = self._launch(rm, batch)
+        if fl is None:
+            return
+        if may_defer(self, rm, fl):
+            fl.tokens = self.sampler(fl.logits, fl.seqs).tokens
+            if fl.tokens.is_cuda:
+                fl.send_home(rm.runner.graphs)
+            rm.in_flight = fl
+        else:
+            self._finish(rm, fl)
+
+    def _launch(self, rm: ResidentModel, batch) -> InFlight | None:
+        """Forward the batch and, where a row samples, sample on the device (no wait for the GPU here)."""
         rm.step_started = time.perf_counter()
         now = time.monotonic()
         sample_rows = []
@@ -272,14 +303,22 @@ class Engine:
                 rm.scheduler.pause(s.seq)
                 self._outbox.append(StepOutput(s.seq.request_id, rm.name, ready=True))
         if not sample_rows:
-            return
-        seqs = [batch[i].seq for i in sample_rows]
-        result = self.sampler(logits, seqs)
-        tokens, decision = result.tokens, PolicyDecision()
+            return None
+        return InFlight(batch, sample_rows, hidden, logits)
+
+    def _finish(self, rm: ResidentModel, fl: InFlight) -> None:
+        """Wait for the step's tokens, let the policies decide, and append them."""
+        seqs, hidden, logits = fl.seqs, fl.hidden, fl.logits
+        if fl.tokens is None:
+            result = self.sampler(logits, seqs)
+            tokens, logprobs = result.tokens, result.logprobs
+        else:
+            tokens, logprobs = fl.tokens, [None] * len(seqs)
+        decision = PolicyDecision()
         for policy in rm.policies:
-            decision = policy(StepView(rm.name, seqs, hidden, logits, tokens, result.logprobs)) or decision
+            decision = policy(StepView(rm.name, seqs, hidden, logits, tokens, logprobs)) or decision
             tokens = decision.tokens if decision.tokens is not None else tokens
-        token_list = tokens.tolist()
+        token_list = fl.token_list() if fl.ready is not None else tokens.tolist()
         pause = decision.pause.tolist() if decision.pause is not None else [False] * len(seqs)
         hold = decision.hold.tolist() if decision.hold is not None else [False] * len(seqs)
         for i, seq in enumerate(seqs):
@@ -291,10 +330,10 @@ class Engine:
                     if seq.vocab_limit and token_list[i] >= seq.vocab_limit:
                         token_list[i] = int(logits[i, : seq.vocab_limit].argmax())
                     self._outbox.append(StepOutput(seq.request_id, rm.name, [token_list[i]], logprobs=[
-                        result.logprobs[i]] if result.logprobs[i] else [], proposed=True))
+                        logprobs[i]] if logprobs[i] else [], proposed=True))
                 continue
             source = decision.sources[i] if decision.sources else rm.name
-            out = append_token(seq, token_list[i], source, result.logprobs[i])
+            out = append_token(seq, token_list[i], source, logprobs[i])
             if out.finished:
                 self._retire(rm, seq)
             elif pause[i]:

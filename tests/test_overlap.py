@@ -1,0 +1,72 @@
+"""Overlapped decode steps (`workers/engine/overlap.py`) give exactly the tokens of one step at a time.
+CUDA graphs are what enable the overlap; here a stand-in with the same row interface runs the rows
+eagerly on the CPU, so the chaining logic runs in CI."""
+from __future__ import annotations
+
+import torch
+from conftest import make_engine
+
+import kernels
+from workers.engine import SamplingParams
+from workers.engine.outputs import RequestOutput
+
+
+class EagerRows:
+    """DecodeGraphs' interface (`fits`, `run`, `run_rows`) without graphs."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.chained = 0
+
+    def fits(self, batch) -> bool:
+        return all(s.num_new == 1 for s in batch)
+
+    def run(self, batch):
+        return self.run_rows([(s.seq, s.start) for s in batch])
+
+    @torch.inference_mode()
+    def run_rows(self, rows, device_ids=None):
+        r = self.runner
+        ids = device_ids if device_ids is not None else torch.tensor([seq.token_ids[p] for seq, p in rows])
+        self.chained += device_ids is not None
+        meta = kernels.build_metadata([seq.block_table for seq, _ in rows], [p for _, p in rows], [1] * len(rows),
+                                      r.block_size, r.device)
+        return r.model(ids.to(r.device), r.forward_batch(meta))
+
+
+def _run(path, prompts, params, overlap: bool):
+    engine = make_engine(path)
+    engine.config.overlap = overlap
+    rows = engine.model().runner.graphs = EagerRows(engine.model().runner)
+    results = {f"r{i}": RequestOutput(f"r{i}") for i in range(len(prompts))}
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        if i == len(prompts) - 1:
+            for _ in range(4):                                  # the last one arrives while the others decode
+                for out in engine.step():
+                    results[out.request_id].add(out)
+        engine.add_request(f"r{i}", p, sp)
+    for _ in range(200):
+        for out in engine.step():
+            results[out.request_id].add(out)
+        if all(r.finish_reason for r in results.values()) and not engine.has_unfinished:
+            break
+    stats = engine.stats()["m"]
+    return list(results.values()), rows.chained, stats["free_blocks"] == stats["num_blocks"]
+
+
+def test_overlapped_steps_equal_one_at_a_time(tiny_paths):
+    tiny_path = tiny_paths["gemma3"]                      # its random weights do not repeat one token
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 384, (n,), generator=g).tolist() for n in (5, 30, 1, 12, 7, 20, 3)]
+    free = make_engine(tiny_path).generate(prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    params = [SamplingParams(max_tokens=[1, 3, 40, 25][i % 4], temperature=0, ignore_eos=True) for i in range(7)]
+    for i in (2, 6):                                   # these stop on the first token that is new after 4
+        toks = free[i].token_ids
+        params[i].stop_token_ids = [next(t for j, t in enumerate(toks) if j >= 4 and t not in toks[:j])]
+    plain, chained_plain, free_plain = _run(tiny_path, prompts, params, overlap=False)
+    over, chained, free_over = _run(tiny_path, prompts, params, overlap=True)
+    assert chained_plain == 0 and chained > 10
+    assert [o.token_ids for o in over] == [o.token_ids for o in plain]
+    assert [o.finish_reason for o in over] == [o.finish_reason for o in plain]
+    assert {o.finish_reason for o in plain} == {"stop", "length"}
+    assert free_plain and free_over
