@@ -287,7 +287,7 @@ class Engine:
             self._finish(rm, fl)
 
     def _launch(self, rm: ResidentModel, batch) -> InFlight | None:
-        """Forward the batch and, where a row samples, sample on the device (no wait for the GPU here)."""
+        """Forward the batch and count its tokens computed (no wait for the GPU); None when no row samples."""
         rm.step_started = time.perf_counter()
         now = time.monotonic()
         sample_rows = []
@@ -318,7 +318,7 @@ class Engine:
         for policy in rm.policies:
             decision = policy(StepView(rm.name, seqs, hidden, logits, tokens, logprobs)) or decision
             tokens = decision.tokens if decision.tokens is not None else tokens
-        token_list = fl.token_list() if fl.ready is not None else tokens.tolist()
+        token_list = fl.token_list() if fl.ready is not None and tokens is fl.tokens else tokens.tolist()
         pause = decision.pause.tolist() if decision.pause is not None else [False] * len(seqs)
         hold = decision.hold.tolist() if decision.hold is not None else [False] * len(seqs)
         for i, seq in enumerate(seqs):
