@@ -34,24 +34,40 @@ class EagerRows:
         return r.model(ids.to(r.device), r.forward_batch(meta))
 
 
-def _run(path, prompts, params, overlap: bool):
-    engine = make_engine(path)
-    engine.config.overlap = overlap
-    rows = engine.model().runner.graphs = EagerRows(engine.model().runner)
+def staggered_params(free: list[list[int]]) -> list[SamplingParams]:
+    """Greedy requests ending on max_tokens after 1-40 tokens; the 3rd and 7th stop on the first token of their
+    unbounded output (`free`) that is new after position 4."""
+    params = [SamplingParams(max_tokens=[1, 3, 40, 25][i % 4], temperature=0, ignore_eos=True) for i in range(len(free))]
+    for i in (2, 6):
+        params[i].stop_token_ids = [t for j, t in enumerate(free[i]) if j >= 4 and t not in free[i][:j]][:1]
+    return params
+
+
+def run_staggered(engine, prompts, params) -> tuple[list[RequestOutput], bool]:
+    """All but the last request at once, the last while the others decode; their outputs, and whether every
+    KV block is free afterwards. (bench/gpu_check.py runs this on CUDA.)"""
     results = {f"r{i}": RequestOutput(f"r{i}") for i in range(len(prompts))}
     for i, (p, sp) in enumerate(zip(prompts, params)):
         if i == len(prompts) - 1:
-            for _ in range(4):                                  # the last one arrives while the others decode
+            for _ in range(4):
                 for out in engine.step():
                     results[out.request_id].add(out)
         engine.add_request(f"r{i}", p, sp)
-    for _ in range(200):
+    for _ in range(500):
         for out in engine.step():
             results[out.request_id].add(out)
         if all(r.finish_reason for r in results.values()) and not engine.has_unfinished:
             break
-    stats = engine.stats()["m"]
-    return list(results.values()), rows.chained, stats["free_blocks"] == stats["num_blocks"]
+    blocks = engine.model().blocks
+    return list(results.values()), blocks.num_free == blocks.num_blocks
+
+
+def _run(path, prompts, params, overlap: bool):
+    engine = make_engine(path)
+    engine.config.overlap = overlap
+    rows = engine.model().runner.graphs = EagerRows(engine.model().runner)
+    outs, all_free = run_staggered(engine, prompts, params)
+    return outs, rows.chained, all_free
 
 
 def test_overlapped_steps_equal_one_at_a_time(tiny_paths):
@@ -59,10 +75,7 @@ def test_overlapped_steps_equal_one_at_a_time(tiny_paths):
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 384, (n,), generator=g).tolist() for n in (5, 30, 1, 12, 7, 20, 3)]
     free = make_engine(tiny_path).generate(prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
-    params = [SamplingParams(max_tokens=[1, 3, 40, 25][i % 4], temperature=0, ignore_eos=True) for i in range(7)]
-    for i in (2, 6):                                   # these stop on the first token that is new after 4
-        toks = free[i].token_ids
-        params[i].stop_token_ids = [next(t for j, t in enumerate(toks) if j >= 4 and t not in toks[:j])]
+    params = staggered_params([o.token_ids for o in free])
     plain, chained_plain, free_plain = _run(tiny_path, prompts, params, overlap=False)
     over, chained, free_over = _run(tiny_path, prompts, params, overlap=True)
     assert chained_plain == 0 and chained > 10

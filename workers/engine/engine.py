@@ -279,9 +279,7 @@ class Engine:
         if fl is None:
             return
         if may_defer(self, rm, fl):
-            fl.tokens = self.sampler(fl.logits, fl.seqs).tokens
-            if fl.tokens.is_cuda:
-                fl.send_home(rm.runner.graphs)
+            fl.keep(self.sampler(fl.logits, fl.seqs).tokens, rm.runner.graphs)
             rm.in_flight = fl
         else:
             self._finish(rm, fl)

@@ -29,14 +29,15 @@ class InFlight:
     hidden: torch.Tensor
     logits: torch.Tensor
     tokens: torch.Tensor | None = None
-    chained: bool = False          # its positions are committed once the previous step's tokens are appended
     host_tokens: torch.Tensor | None = None    # `tokens` copied to pinned memory, valid once `ready` has passed
     ready: torch.cuda.Event | None = None
 
-    def send_home(self, graphs) -> None:
-        """Queue the copy of the tokens to the host now, ahead of the next step's work on the stream:
-        reading them later waits for this step alone."""
-        self.host_tokens, self.ready = graphs.send_home(self.tokens)
+    def keep(self, tokens: torch.Tensor, graphs) -> None:
+        """Hold the step's sampled tokens; on CUDA queue their copy to the host now, ahead of the next step's
+        work on the stream, so that reading them later waits for this step alone."""
+        self.tokens = tokens
+        if tokens.is_cuda:
+            self.host_tokens, self.ready = graphs.send_home(tokens)
 
     def token_list(self) -> list[int]:
         self.ready.synchronize()
@@ -75,10 +76,8 @@ def chain(engine: Engine, rm: ResidentModel, fl: InFlight) -> InFlight | None:
     with torch.inference_mode():
         hidden = rm.runner.graphs.run_rows([(s.seq, s.seq.num_tokens) for s in fl.batch], device_ids=fl.tokens)
         logits = rm.runner.model.logits(hidden)
-        tokens = logits.argmax(dim=-1)
-    nxt = InFlight([ScheduledSeq(s.seq, 1) for s in fl.batch], fl.sample_rows, hidden, logits, tokens, chained=True)
-    if tokens.is_cuda:
-        nxt.send_home(rm.runner.graphs)
+        nxt = InFlight([ScheduledSeq(s.seq, 1) for s in fl.batch], fl.sample_rows, hidden, logits)
+        nxt.keep(logits.argmax(dim=-1), rm.runner.graphs)
     return nxt
 
 
