@@ -69,6 +69,7 @@ class TrainConfig:
     seed: int = 0
     session_steps: int | None = None      # stop (with a checkpoint) after this many steps in this run
     prefill_cache: bool = False           # keep each example's frozen prefills under out/prefills for later epochs
+    init: str | None = None               # start from this fuser checkpoint's weights (same pair and shape)
 
     def fixed(self) -> dict:
         """What must not change between a run and its resumption."""
@@ -154,9 +155,11 @@ class PairModels:
 
     def caches(self, ex: Example) -> tuple[KVDict, KVDict]:
         path = self.store / f"{ex.key}.pt" if self.store is not None and ex.key is not None else None
-        if path is not None and path.is_file():
-            return torch.load(path, map_location=self.device)
         ctx = len(ex.prompt) - 1
+        if path is not None and path.is_file():
+            pair = torch.load(path, map_location=self.device)
+            if pair[0][0][0].shape[1] == ctx and pair[1][0][0].shape[1] == ctx:
+                return pair
         pair = self._prefill(self.receiver, ex.prompt[:ctx]), self._prefill(self.sharer, ex.sharer[:ctx])
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,6 +250,9 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, models: PairMod
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     state = _resume(out, cfg, models.pair, fuser, opt, sched)
     step = state.get("step", 0)
+    if cfg.init and not step:
+        _initialize(fuser, cfg.init, models.pair)
+        echo(f"starting from the weights of {cfg.init}")
     if step:
         echo(f"resumed {out} at step {step}/{cfg.steps}")
     else:
@@ -315,6 +321,14 @@ def _resume(out: Path, cfg: TrainConfig, pair: checkpoint.Pair, fuser: Fuser, op
     if cuda_rng is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_rng)
     return state
+
+
+def _initialize(fuser: Fuser, directory: str, pair: checkpoint.Pair) -> None:
+    trained, _ = checkpoint.load(directory, pair)
+    if trained.config != fuser.config:
+        raise TrainError(f"--init: {directory} holds a fuser of another shape ({trained.config}); "
+                         f"this run builds {fuser.config}")
+    fuser.load_state_dict(trained.state_dict())
 
 
 def _save(out: Path, cfg: TrainConfig, pair, fuser: Fuser, opt, sched, state: dict) -> None:

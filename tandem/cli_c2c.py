@@ -38,11 +38,15 @@ def train_cmd(
     batch: int = typer.Option(8, "--batch", min=1, help="Sequences per optimizer step."),
     session_steps: Optional[int] = typer.Option(None, "--session-steps", min=1,
                                                 help="Stop after this many steps in this run (resume later)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from this fuser checkpoint's weights (same "
+                                        "pair and shape) instead of random ones."),
     lr: float = typer.Option(1e-4, "--lr"),
     weight_decay: float = typer.Option(0.01, "--weight-decay"),
     hidden: int = typer.Option(1024, "--hidden", min=1),
     intermediate: int = typer.Option(1024, "--intermediate", min=1),
     depth: int = typer.Option(3, "--depth", min=3),
+    tau_start: float = typer.Option(1.0, "--tau-start", min=0.001, max=10.0,
+                                    help="The gates' first Gumbel-sigmoid temperature (annealed to 0.001)."),
     dropout: float = typer.Option(0.1, "--dropout", min=0.0, max=1.0),
     mapping: str = typer.Option("last_aligned", "--mapping", help="last_aligned or nearest."),
     alignment: str = typer.Option("first", "--alignment", help="first or longest (tokenizers that differ)."),
@@ -74,6 +78,8 @@ def train_cmd(
 
         if not torch.cuda.is_available():
             fail("--device: CUDA is not available on this machine")
+    if init is not None and not (init / "fuser.json").is_file():
+        fail(f"--init: {init} is not a fuser checkpoint (no fuser.json)")
     if data is not None and not data.is_file():
         fail(f"--data: {data} does not exist")
     cfg = TrainConfig(
@@ -83,7 +89,7 @@ def train_cmd(
         intermediate=intermediate, depth=depth, dropout=dropout, mapping=mapping, alignment=alignment,
         max_length=max_length, device=device, dtype=dtype, save_every=save_every, eval_every=eval_every,
         log_every=log_every, seed=seed, session_steps=session_steps,
-        prefill_cache=prefill_cache)
+        prefill_cache=prefill_cache, tau_start=tau_start, init=str(init.resolve()) if init else None)
     try:
         train(cfg, typer.echo)
     except TandemError as e:

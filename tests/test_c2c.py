@@ -16,7 +16,7 @@ from c2c.colocated import C2C, runs
 from c2c.fuser import Fuser, FuserConfig, KVShape, fuse, layer_map, temperature
 from c2c.stepping import C2CError
 from c2c.t2t import T2T
-from c2c.train import Example, PairModels, TrainConfig, train
+from c2c.train import Example, PairModels, TrainConfig, TrainError, train
 from tandem.errors import CheckpointError, InvalidRequestError
 from workers.engine import Engine, EngineConfig, ModelConfig, SamplingParams
 
@@ -327,6 +327,36 @@ def test_training_lowers_the_loss_and_resumes(paths, tmp_path):
     assert bad.exit_code == 2 and "--mapping" in bad.output
     with pytest.raises(CheckpointError, match="holds a run for receiver qwen3-0"):
         train(TrainConfig(out=str(tmp_path / "split"), **{**kw, "sharer": str(paths["llama"])}), lambda _: None)
+
+
+def test_training_continues_from_a_trained_fuser(paths, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"Name {a} twice."},
+                                                       {"role": "assistant", "content": f"{a} {a}."}]})
+                              for a in range(6)))
+    receiver, sharer = paths["qwen3"], paths["other"]
+    models = PairModels(str(receiver), str(sharer))
+    kw = dict(receiver=str(receiver), sharer=str(sharer), data=str(data), batch=2, lr=1e-3, hidden=32,
+              intermediate=32, dropout=0.0, val_fraction=0.0, prefill_cache=True)
+    train(TrainConfig(out=str(tmp_path / "base"), steps=3, **kw), lambda _: None, models)
+    (tmp_path / "more" / "prefills").mkdir(parents=True)
+    stale = torch.load(tmp_path / "base" / "prefills" / "0.pt")
+    torch.save(tuple({n: (k[:, :1], v[:, :1]) for n, (k, v) in kv.items()} for kv in stale),
+               tmp_path / "more" / "prefills" / "0.pt")                        # a cached prefill of other tokens
+    said = []
+    more = train(TrainConfig(out=str(tmp_path / "more"), steps=3, lr=0.0, init=str(tmp_path / "base"),
+                             tau_start=0.001, **{k: v for k, v in kw.items() if k != "lr"}), said.append, models)
+    assert more.step == 3 and any("starting from the weights of" in s for s in said)
+    a = checkpoint.load(tmp_path / "base")[0].state_dict()
+    b = checkpoint.load(tmp_path / "more")[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)                          # lr 0: the weights it started from
+    assert torch.load(tmp_path / "more" / "prefills" / "0.pt")[0][0][0].shape[1] > 1   # recomputed, not trusted
+    with pytest.raises(TrainError, match="--init: .* another shape"):
+        train(TrainConfig(out=str(tmp_path / "wide"), steps=1, init=str(tmp_path / "base"),
+                          **{**kw, "hidden": 64}), lambda _: None, models)
+    with pytest.raises(CheckpointError, match="cannot serve"):
+        train(TrainConfig(out=str(tmp_path / "other"), steps=1, init=str(tmp_path / "base"),
+                          **{**kw, "sharer": str(paths["llama"])}), lambda _: None)
 
 
 def test_multiple_choice_data():
