@@ -1,21 +1,22 @@
-"""Triton: paged decode attention, grouped over GQA heads, split over the KV length, then combined."""
+"""Triton: paged decode attention, grouped over GQA heads, split over the KV length, then combined (in a second
+launch, one program per query head: measured faster on an H100, in a 24-layer chain, than combining in the
+last-finishing split program). With one split the first launch writes the output itself."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_tile import attend_tile
+from kernels.triton_tile import LOG2E, attend_tile
 
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, pos_ptr, part_ptr, lse_ptr,
-    stride_qb, stride_qh, stride_bt, scale, window,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, pos_ptr, part_ptr, lse_ptr, o_ptr,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_bt, scale, window,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_POS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -41,13 +42,17 @@ def _decode_split_kernel(
     q_rows_pos = tl.full([BLOCK_H], 0, tl.int32) + q_pos
     for n0 in range(start, end, BLOCK_N):
         m_i, l_i, acc = attend_tile(q, q_rows_pos, m_i, l_i, acc, n0, end, kc_ptr, vc_ptr, bt_ptr + b * stride_bt, pos_ptr,
-                                    kvh, scale, window, KV_HEADS, D, PAGE, BLOCK_N, HAS_WINDOW, HAS_POS, PRECISION)
+                                    kvh, scale, window, KV_HEADS, D, PAGE, BLOCK_N, HAS_WINDOW, HAS_POS, PRECISION,
+                                    True)
 
-    out_base = (b * KV_HEADS * GROUP + heads) * SPLITS + split
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    tl.store(part_ptr + out_base[:, None] * D + d[None, :], acc / l_safe[:, None], mask=h_mask[:, None])
-    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_safe))
-    tl.store(lse_ptr + out_base, lse, mask=h_mask)
+    if SPLITS == 1:
+        out_rows = o_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        tl.store(out_rows, (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty), mask=h_mask[:, None])
+    else:
+        out_base = (b * KV_HEADS * GROUP + heads) * SPLITS + split
+        tl.store(part_ptr + out_base[:, None] * D + d[None, :], acc / l_safe[:, None], mask=h_mask[:, None])
+        tl.store(lse_ptr + out_base, tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)), mask=h_mask)
 
 
 @triton.jit
@@ -61,7 +66,7 @@ def _decode_combine_kernel(part_ptr, lse_ptr, o_ptr, stride_ob, stride_oh, HEADS
     lse = tl.load(lse_ptr + base + s, mask=s < SPLITS, other=float("-inf"))
     m = tl.max(lse, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse - m_safe)
+    w = tl.math.exp2(lse - m_safe)   # base-2 log-sum-exps (kernels/triton_tile.py)
     total = tl.sum(w, 0)
     part = tl.load(part_ptr + (base + s)[:, None] * D + d[None, :], mask=(s < SPLITS)[:, None], other=0.0)
     out = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
@@ -90,18 +95,22 @@ def decode_attention(
     if b == 0:
         return out
     block_n, warps, stages = config or ((32 if d > 128 else 64), 4, 2)
-    part = torch.empty((b, heads, num_splits, d), dtype=torch.float32, device=q.device)
-    lse = torch.empty((b, heads, num_splits), dtype=torch.float32, device=q.device)
+    if num_splits > 1:
+        part = torch.empty((b, heads, num_splits, d), dtype=torch.float32, device=q.device)
+        lse = torch.empty((b, heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part = lse = out
     _decode_split_kernel[(b, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, kv_pos if kv_pos is not None else seq_lens, part, lse,
-        q.stride(0), q.stride(1), block_tables.stride(0), scale, window or 0,
+        q, k_cache, v_cache, block_tables, seq_lens, kv_pos if kv_pos is not None else seq_lens, part, lse, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale * LOG2E, window or 0,
         KV_HEADS=kv_heads, GROUP=group, D=d, PAGE=page, SPLITS=num_splits,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         HAS_WINDOW=window is not None, HAS_POS=kv_pos is not None, PRECISION=_precision(q),
         num_warps=warps, num_stages=stages,
     )
-    _decode_combine_kernel[(b, heads)](part, lse, out, out.stride(0), out.stride(1), HEADS=heads, D=d,
-                                       SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits))
+    if num_splits > 1:
+        _decode_combine_kernel[(b, heads)](part, lse, out, out.stride(0), out.stride(1), HEADS=heads, D=d,
+                                           SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits))
     return out
 
 

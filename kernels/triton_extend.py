@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_tile import attend_tile
+from kernels.triton_tile import LOG2E, attend_tile
 
 
 @triton.jit
@@ -43,9 +43,17 @@ def _extend_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    bt_row = bt_ptr + s * stride_bt
+    if not HAS_WINDOW and not HAS_POS:
+        # tiles wholly before the block's first query are visible to every row: no mask
+        whole = tl.minimum(ctx - q_len + mb * BLOCK_M + 1, hi) // BLOCK_N * BLOCK_N
+        for n0 in range(0, whole, BLOCK_N):
+            m_i, l_i, acc = attend_tile(q, q_pos, m_i, l_i, acc, n0, hi, kc_ptr, vc_ptr, bt_row, pos_ptr, kvh, scale,
+                                        window, KV_HEADS, D, PAGE, BLOCK_N, False, False, PRECISION, False)
+        lo = whole
     for n0 in range(lo, hi, BLOCK_N):
-        m_i, l_i, acc = attend_tile(q, q_pos, m_i, l_i, acc, n0, hi, kc_ptr, vc_ptr, bt_ptr + s * stride_bt, pos_ptr,
-                                    kvh, scale, window, KV_HEADS, D, PAGE, BLOCK_N, HAS_WINDOW, HAS_POS, PRECISION)
+        m_i, l_i, acc = attend_tile(q, q_pos, m_i, l_i, acc, n0, hi, kc_ptr, vc_ptr, bt_row, pos_ptr, kvh, scale,
+                                    window, KV_HEADS, D, PAGE, BLOCK_N, HAS_WINDOW, HAS_POS, PRECISION, True)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(o_ptr + (q_start + rows)[:, None].to(tl.int64) * stride_ot + h * stride_oh + d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=r_mask[:, None])
@@ -67,14 +75,14 @@ def extend_attention(
     block_m = 16 if max_q_len <= 16 else (64 if d <= 128 else 32)
     block_n = 64 if d <= 128 else 32
     warps, stages = (8 if block_m >= 128 else 4), (3 if q.is_cuda else 1)
-    if q.is_cuda and d <= 128 and max_q_len > 64:
-        block_m, warps = 128, 8
+    if q.is_cuda and d <= 128 and max_q_len > 64:   # the H100 sweep's best for long prefills (bench/kernels_gpu.py)
+        block_m, block_n, warps = 128, (128 if d > 64 else 64), 8
     if config is not None:
         block_m, block_n, warps, stages = config
     grid = (n_seqs, heads, triton.cdiv(max_q_len, block_m))
     _extend_kernel[grid](
         q, out, k_cache, v_cache, block_tables, cu_q, seq_lens, kv_pos if kv_pos is not None else seq_lens,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale, window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale * LOG2E, window or 0,
         KV_HEADS=kv_heads, GROUP=heads // kv_heads, D=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_WINDOW=window is not None, HAS_POS=kv_pos is not None, PRECISION=_precision(q),
         num_warps=warps, num_stages=stages,

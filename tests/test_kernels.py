@@ -53,6 +53,19 @@ def test_decode_attention(dtype, lengths, kv_heads, group, d, splits):
     torch.testing.assert_close(out.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("splits", [4, 64])
+def test_decode_long_sequences_many_splits(dtype, splits):
+    """Splits of at least a tile: a short sequence leaves most of them empty."""
+    lengths = [7, 150, 300, 700]
+    k, v, tables = _paged_cache(lengths, 2, 64, dtype, seed=3)
+    q = torch.randn(4, 8, 64).to(dtype).to(DEV)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEV)
+    out = decode_attention(q, k, v, tables, lens, 0.125, num_splits=splits)
+    want = ref.decode_attention_ref(q, k, v, tables, lens, 0.125)
+    torch.testing.assert_close(out.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
 @pytest.mark.parametrize("window", [1, 8, 20])
 def test_decode_attention_sliding_window(dtype, window):
