@@ -120,3 +120,21 @@ def test_bad_worker_calls_name_the_field(tiny_path):
         assert all(m.free_blocks == m.num_blocks for m in load.models)
 
     asyncio.run(_with_worker(tiny_path, body))
+
+
+def test_an_abort_that_overtakes_its_request_still_aborts_it(tiny_path):
+    """Abort and Generate travel on different streams; an abort that lands first must not be lost."""
+    prompt = list(range(5, 20))
+
+    async def body(s: worker_pb2_grpc.WorkerStub) -> None:
+        assert list((await s.Abort(pb.AbortRequest(request_ids=["late/llm"]))).aborted) == []
+        call = s.Generate(wpb.WorkerGenerateRequest(request_id="late/llm", prompt_token_ids=prompt,
+                                                    sampling=_greedy(8), propose_only=True))
+        assert await _tokens(call) == ([], "abort")
+        load = await s.GetLoad(wpb.GetLoadRequest())
+        assert all(m.free_blocks == m.num_blocks for m in load.models) and load.models[0].running == 0
+        again = s.Generate(wpb.WorkerGenerateRequest(request_id="late/llm", prompt_token_ids=prompt,
+                                                     sampling=_greedy(3)))
+        assert await _tokens(again) == (_reference(tiny_path, prompt, 3), "length")   # the mark is used once
+
+    asyncio.run(_with_worker(tiny_path, body))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any, Callable
 
 from workers.engine import Engine, StepOutput
@@ -14,10 +15,14 @@ log = logging.getLogger("tandem.worker")
 class EngineLoop:
     """Owns the engine's thread. `open(rid)` gives the queue a request's StepOutputs arrive on."""
 
+    aborted_ttl_s = 10.0
+    max_aborted = 1 << 16
+
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop):
         self.engine = engine
         self.loop = loop
         self.queues: dict[str, asyncio.Queue[StepOutput]] = {}
+        self._aborted: dict[str, float] = {}
         self.steps = 0
         self._wake = threading.Event()
         self._stopped = False
@@ -73,6 +78,19 @@ class EngineLoop:
 
     def close(self, request_id: str) -> None:
         self.queues.pop(request_id, None)
+
+    def mark_aborted(self, request_ids: list[str]) -> None:
+        """Ids aborted while no stream had them open. An abort can overtake its own request (two RPCs on
+        two streams); a Generate for one of these within `aborted_ttl_s` then ends at once, unrun."""
+        now = time.monotonic()
+        self._aborted = {rid: t for rid, t in self._aborted.items() if t > now}
+        for rid in request_ids:
+            self._aborted[rid] = now + self.aborted_ttl_s
+        for rid in list(self._aborted)[: max(0, len(self._aborted) - self.max_aborted)]:
+            del self._aborted[rid]
+
+    def was_aborted(self, request_id: str) -> bool:
+        return self._aborted.pop(request_id, 0.0) > time.monotonic()
 
     async def run(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the engine's thread at the next step; return its result or raise its error."""

@@ -53,6 +53,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         rid = request.request_id
         if not rid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must be a non-empty string")
+        if self.loop.was_aborted(rid):
+            yield wpb.WorkerStep(request_id=rid, model=request.model, finished=True, finish_reason="abort")
+            return
         queue = self.loop.open(rid)
         if queue is None:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is already in use")
@@ -161,6 +164,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         live = [rid for rid in request.request_ids if rid in self.loop.queues]
+        self.loop.mark_aborted([rid for rid in request.request_ids if rid not in self.loop.queues])
         for rid in request.request_ids:
             self.engine.abort(rid)
         await self.loop.abort("")
