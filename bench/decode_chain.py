@@ -14,6 +14,8 @@ from pathlib import Path
 ap = argparse.ArgumentParser()
 ap.add_argument("--root", default=str(Path(__file__).resolve().parents[1]))
 ap.add_argument("--label", default="this checkout")
+ap.add_argument("--splits", type=int, default=0, help="force this split count (default: the engine's choice)")
+ap.add_argument("--cases", default="1x512,1x4096,8x512,8x4096,128x512,128x4096,256x512", help="BATCHxCTX,...")
 args = ap.parse_args()
 sys.path.insert(0, args.root)
 
@@ -26,7 +28,7 @@ PAGE, LAYERS, HEADS, KV_HEADS, D, MAX_MODEL_LEN = 16, 24, 14, 2, 64, 32768
 
 def per_layer_us(batch: int, ctx: int) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
-    pages = ctx // PAGE + 1
+    pages = -(-ctx // PAGE)
     shape = (batch * pages, PAGE, KV_HEADS, D)
     caches = [(torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g),
                torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)) for _ in range(LAYERS)]
@@ -35,7 +37,8 @@ def per_layer_us(batch: int, ctx: int) -> dict:
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, HEADS, D, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
-    splits = num_splits_for(batch, KV_HEADS, MAX_MODEL_LEN, torch.cuda.get_device_properties(0).multi_processor_count)
+    splits = args.splits or num_splits_for(batch, KV_HEADS, MAX_MODEL_LEN,
+                                           torch.cuda.get_device_properties(0).multi_processor_count)
 
     def step():
         for k, v in caches:
@@ -62,6 +65,6 @@ def per_layer_us(batch: int, ctx: int) -> dict:
 
 
 if __name__ == "__main__":
-    rows = [per_layer_us(b, c) for b, c in [(1, 512), (1, 4096), (8, 512), (8, 4096), (128, 512), (128, 4096),
-                                            (256, 512)]]
+    cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
+    rows = [per_layer_us(b, c) for b, c in cases]
     print(json.dumps({"label": args.label, "device": torch.cuda.get_device_name(), "rows": rows}, indent=1))

@@ -25,59 +25,71 @@ def _decode_split_kernel(
     heads = kvh * GROUP + tl.arange(0, BLOCK_H)
     h_mask = tl.arange(0, BLOCK_H) < GROUP
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=h_mask[:, None], other=0.0)
-
-    q_pos = seq_len - 1
     lo = 0
     if HAS_WINDOW and not HAS_POS:
         lo = tl.maximum(seq_len - window, 0)
-    span = seq_len - lo
-    split_len = tl.cdiv(tl.cdiv(span, SPLITS), BLOCK_N) * BLOCK_N
+    split_len = tl.cdiv(tl.cdiv(seq_len - lo, SPLITS), BLOCK_N) * BLOCK_N
     start = lo + split * split_len
     end = tl.minimum(start + split_len, seq_len)
-
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, D], tl.float32)
-    q_rows_pos = tl.full([BLOCK_H], 0, tl.int32) + q_pos
-    for n0 in range(start, end, BLOCK_N):
-        m_i, l_i, acc = attend_tile(q, q_rows_pos, m_i, l_i, acc, n0, end, kc_ptr, vc_ptr, bt_ptr + b * stride_bt, pos_ptr,
-                                    kvh, scale, window, KV_HEADS, D, PAGE, BLOCK_N, HAS_WINDOW, HAS_POS, PRECISION,
-                                    True)
-
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    if SPLITS == 1:
-        out_rows = o_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
-        tl.store(out_rows, (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty), mask=h_mask[:, None])
-    else:
-        out_base = (b * KV_HEADS * GROUP + heads) * SPLITS + split
-        tl.store(part_ptr + out_base[:, None] * D + d[None, :], acc / l_safe[:, None], mask=h_mask[:, None])
-        tl.store(lse_ptr + out_base, tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)), mask=h_mask)
+    if SPLITS == 1 or start < end:   # a split past the sequence's end stays idle: the combine skips it
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=h_mask[:, None], other=0.0)
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, D], tl.float32)
+        q_pos = tl.full([BLOCK_H], 0, tl.int32) + seq_len - 1
+        for n0 in range(start, end, BLOCK_N):
+            m_i, l_i, acc = attend_tile(q, q_pos, m_i, l_i, acc, n0, end, kc_ptr, vc_ptr, bt_ptr + b * stride_bt,
+                                        pos_ptr, kvh, scale, window, KV_HEADS, D, PAGE, BLOCK_N, HAS_WINDOW, HAS_POS,
+                                        PRECISION, True)
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        if SPLITS == 1:
+            out_rows = o_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
+            tl.store(out_rows, (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty), mask=h_mask[:, None])
+        else:
+            out_base = (b * KV_HEADS * GROUP + heads) * SPLITS + split
+            tl.store(part_ptr + out_base[:, None] * D + d[None, :], acc / l_safe[:, None], mask=h_mask[:, None])
+            tl.store(lse_ptr + out_base, tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)), mask=h_mask)
 
 
 @triton.jit
-def _decode_combine_kernel(part_ptr, lse_ptr, o_ptr, stride_ob, stride_oh, HEADS: tl.constexpr,
-                           D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+def _decode_combine_kernel(part_ptr, lse_ptr, len_ptr, o_ptr, stride_ob, stride_oh, window, HEADS: tl.constexpr,
+                           D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, WINDOWED: tl.constexpr,
+                           CHUNK: tl.constexpr):
+    """Merges the splits that held keys (the same arithmetic as the split kernel's), CHUNK per load."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    s = tl.arange(0, BLOCK_S)
+    seq_len = tl.load(len_ptr + b)
+    lo = 0
+    if WINDOWED:
+        lo = tl.maximum(seq_len - window, 0)
+    split_len = tl.cdiv(tl.cdiv(seq_len - lo, SPLITS), BLOCK_N) * BLOCK_N
+    used = tl.cdiv(seq_len - lo, tl.maximum(split_len, 1))
     d = tl.arange(0, D)
     base = (b * HEADS + h) * SPLITS
-    lse = tl.load(lse_ptr + base + s, mask=s < SPLITS, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse - m_safe)   # base-2 log-sum-exps (kernels/triton_tile.py)
-    total = tl.sum(w, 0)
-    part = tl.load(part_ptr + (base + s)[:, None] * D + d[None, :], mask=(s < SPLITS)[:, None], other=0.0)
-    out = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    m = tl.full([1], float("-inf"), tl.float32)
+    total = tl.zeros([1], tl.float32)
+    out = tl.zeros([D], tl.float32)
+    for s0 in range(0, used, CHUNK):
+        s = s0 + tl.arange(0, CHUNK)
+        lse = tl.load(lse_ptr + base + s, mask=s < used, other=float("-inf"))
+        part = tl.load(part_ptr + (base + s)[:, None] * D + d[None, :], mask=(s < used)[:, None], other=0.0)
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_safe)
+        w = tl.math.exp2(lse - m_safe)   # base-2 log-sum-exps (kernels/triton_tile.py)
+        out = out * alpha + tl.sum(part * w[:, None], 0)
+        total = total * alpha + tl.sum(w, 0)
+        m = m_new
+    out = out / tl.where(total == 0.0, 1.0, total)
     tl.store(o_ptr + b * stride_ob + h * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
 def num_splits_for(batch: int, kv_heads: int, max_len: int, sms: int = 132) -> int:
-    """A power of two near four programs per SM, at most 32, splits of at least 128 tokens (measured
-    best on an H100 for 14/2x64 and 32/8x128 heads, batch 1-64, context 512-32k). Each sequence sizes
-    its splits to its own length, so a count chosen for `max_len` also serves shorter ones."""
-    want = min((4 * sms) // max(1, batch * kv_heads), 32, max(1, max_len // 128))
+    """A power of two near four programs per SM, at most 128, splits of at least 128 tokens (measured on an
+    H100 with bench/decode_chain.py and bench/kernels_gpu.py, 14/2x64 and 32/8x128 heads, batch 1-64, context
+    512-32k). Each sequence cuts its own length into splits of whole tiles, and the splits past its end stay
+    idle, so a count chosen for `max_len` also serves shorter ones."""
+    want = min((4 * sms) // max(1, batch * kv_heads), 128, max(1, max_len // 128))
     return 1 << max(0, int(want).bit_length() - 1)
 
 
@@ -109,8 +121,11 @@ def decode_attention(
         num_warps=warps, num_stages=stages,
     )
     if num_splits > 1:
-        _decode_combine_kernel[(b, heads)](part, lse, out, out.stride(0), out.stride(1), HEADS=heads, D=d,
-                                           SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits))
+        _decode_combine_kernel[(b, heads)](
+            part, lse, seq_lens, out, out.stride(0), out.stride(1), window or 0, HEADS=heads, D=d, SPLITS=num_splits,
+            BLOCK_N=block_n, WINDOWED=window is not None and kv_pos is None,
+            CHUNK=min(triton.next_power_of_2(num_splits), max(1, 4096 // d)),
+        )
     return out
 
 
