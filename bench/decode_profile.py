@@ -88,8 +88,7 @@ def main() -> None:
         for _ in range(5):
             engine.step()
         step = statistics.median(timed_steps(engine, 10) for _ in range(5))
-        bucket = next(b for b in runner.graphs.buckets if b >= batch)
-        graph = graph_ms(runner.graphs.graphs[bucket])
+        graph = graph_ms(runner.graphs.graph_for(batch, args.ctx))
         hidden = runner.graphs.hidden[:batch]
         torch.cuda.synchronize()
         t0 = time.perf_counter()
