@@ -15,7 +15,6 @@ if TYPE_CHECKING:
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 MAX_EXTEND_ROWS = 32
 MAX_EXTEND_KV_READS = 1 << 16
-SHORT_CONTEXT = 1024   # batches whose rows all fit in it replay a graph with fewer attention splits
 
 
 class DecodeGraphs:
@@ -35,7 +34,7 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self.cu_q = torch.zeros(1, dtype=torch.int32, device=dev)
         self.hidden = torch.zeros((n, runner.spec.hidden_size), dtype=runner.dtype, device=dev)
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}   # (bucket, short context)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
         # Two pinned staging buffers, used in turn: an overlapped step (see `overlap`) fills one while the
         # copies out of the other may still be queued behind the step before it.
@@ -47,17 +46,7 @@ class DecodeGraphs:
         self._home_events = [torch.cuda.Event() for _ in range(2)]
         self._home_turn = 0
         for b in reversed(self.buckets):
-            self._capture(b, short=False)
-            if self._splits(b, short=True) == self._splits(b, short=False):
-                self.graphs[(b, True)] = self.graphs[(b, False)]
-            else:
-                self._capture(b, short=True)
-
-    def graph_for(self, batch: int, max_len: int) -> torch.cuda.CUDAGraph:
-        return self.graphs[(next(b for b in self.buckets if b >= batch), max_len <= SHORT_CONTEXT)]
-
-    def _splits(self, b: int, short: bool) -> int:
-        return self.runner.num_splits(b, SHORT_CONTEXT if short else None)
+            self._capture(b)
 
     def fits(self, batch: list[ScheduledSeq]) -> bool:
         """Decode rows, and short extends counted one row per token."""
@@ -66,11 +55,11 @@ class DecodeGraphs:
                 and sum(s.num_new * (s.start + s.num_new) for s in extends) <= MAX_EXTEND_KV_READS
                 and sum(s.num_new for s in batch) <= self.buckets[-1])
 
-    def _meta(self, b: int, short: bool) -> AttentionMetadata:
+    def _meta(self, b: int) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slots[:b], positions=self.positions[:b], block_tables=self.block_tables[:b],
             seq_lens=self.seq_lens[:b], num_decode=b, cu_q=self.cu_q, max_q_len=0,
-            page_size=self.runner.block_size, num_splits=self._splits(b, short),
+            page_size=self.runner.block_size, num_splits=self.runner.num_splits(b),
         )
 
     def send_home(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
@@ -84,8 +73,8 @@ class DecodeGraphs:
         return home, event
 
     @torch.inference_mode()
-    def _capture(self, b: int, short: bool) -> None:
-        fb = self.runner.forward_batch(self._meta(b, short))
+    def _capture(self, b: int) -> None:
+        fb = self.runner.forward_batch(self._meta(b))
         model = self.runner.model
         for _ in range(2):
             self.hidden[:b] = model(self.input_ids[:b], fb)
@@ -95,7 +84,7 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             self.hidden[:b] = model(self.input_ids[:b], fb)
         self.pool = graph.pool()
-        self.graphs[(b, short)] = graph
+        self.graphs[b] = graph
 
     def run(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """One row per new token. A sequence with several new tokens (a short catch-up extend) becomes
@@ -135,5 +124,5 @@ class DecodeGraphs:
         self.block_tables[:b].copy_(table_host[:b], non_blocking=True)
         if device_ids is not None:
             self.input_ids[:n].copy_(device_ids)
-        self.graph_for(b, max(lens)).replay()
+        self.graphs[b].replay()
         return self.hidden[:n]

@@ -70,14 +70,12 @@ class ModelRunner:
         host = torch.tensor(idx, dtype=torch.long, pin_memory=self.device.type == "cuda")
         return host.to(self.device, non_blocking=True)
 
-    def num_splits(self, batch: int, max_len: int | None = None) -> int:
-        """Attention splits for a decode batch whose sequences hold at most `max_len` tokens (default: any)."""
+    def num_splits(self, batch: int) -> int:
         if self.device.type != "cuda":
             return 1
         from kernels.triton_decode import num_splits_for
 
-        return num_splits_for(batch, self.spec.num_kv_heads, min(max_len or self.max_model_len, self.max_model_len),
-                              self.num_sms)
+        return num_splits_for(batch, self.spec.num_kv_heads, self.max_model_len, self.num_sms)
 
     @functools.cached_property
     def num_sms(self) -> int:
