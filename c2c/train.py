@@ -113,9 +113,9 @@ def load_messages(cfg: TrainConfig) -> list[list[dict[str, str]]]:
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise TrainError(f"{path}: line {i + 1} is not {{\"messages\": [...]}}: {e}") from None
     else:
-        from tandem.mc_datasets import mc_messages, training_items
+        from tandem.mc_datasets import mc_messages, shuffle_choices, training_items
 
-        rows = [mc_messages(item, with_answer=True) for item in training_items(cfg.tasks)]
+        rows = [mc_messages(shuffle_choices(item, cfg.seed), with_answer=True) for item in training_items(cfg.tasks)]
         random.Random(cfg.seed).shuffle(rows)
     return rows[: cfg.max_items] if cfg.max_items else rows
 

@@ -8,8 +8,10 @@ files, read with pyarrow (`pip install pyarrow`). Training may use `train`/`vali
 `dev`) splits only: the `test` splits are kept for evaluation."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +109,15 @@ def training_items(tasks: tuple[str, ...] | list[str] = TASKS, split: str = "val
     if split not in TRAINING_SPLITS:
         raise DatasetError(f"split {split!r} is kept for evaluation; train on one of {', '.join(TRAINING_SPLITS)}")
     return [item for task in tasks for item in mc_items(task, split)]
+
+
+def shuffle_choices(item: MCItem, seed: int = 0) -> MCItem:
+    """The item with its choices in an order drawn from (seed, task, id), the answer following its text.
+    For training: SciQ's validation split has its right answer always at D, which a fuser trained on it
+    learns as a prior."""
+    order = list(range(len(item.choices)))
+    random.Random(f"{seed}/{item.task}/{item.id}").shuffle(order)
+    return dataclasses.replace(item, choices=tuple(item.choices[i] for i in order), answer=order.index(item.answer))
 
 
 def _question(query: str) -> str:
