@@ -21,6 +21,7 @@ sys.path.insert(0, args.root)
 
 import torch  # noqa: E402
 
+from gpu_timing import replay_ms  # noqa: E402
 from kernels.triton_decode import decode_attention, num_splits_for  # noqa: E402
 
 PAGE, LAYERS, HEADS, KV_HEADS, D, MAX_MODEL_LEN = 16, 24, 14, 2, 64, 32768
@@ -52,16 +53,8 @@ def per_layer_us(batch: int, ctx: int) -> dict:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    times = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 20)
-    return {"batch": batch, "ctx": ctx, "splits": splits, "us_per_layer": round(sorted(times)[3] * 1000 / LAYERS, 2)}
+    median_ms = sorted(replay_ms(graph) for _ in range(7))[3]
+    return {"batch": batch, "ctx": ctx, "splits": splits, "us_per_layer": round(median_ms * 1000 / LAYERS, 2)}
 
 
 if __name__ == "__main__":

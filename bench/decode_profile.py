@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 from decode_step_gpu import our_engine, start_decoding  # noqa: E402
+from gpu_timing import replay_ms  # noqa: E402
 
 
 def timed_steps(engine, n: int) -> float:
@@ -31,17 +32,6 @@ def timed_steps(engine, n: int) -> float:
         engine.step()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / n * 1e3
-
-
-def graph_ms(graph, n: int = 50) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    start.record()
-    for _ in range(n):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
 
 
 def kernel_table(engine, steps: int = 3) -> dict:
@@ -89,7 +79,7 @@ def main() -> None:
             engine.step()
         step = statistics.median(timed_steps(engine, 10) for _ in range(5))
         bucket = next(b for b in runner.graphs.buckets if b >= batch)
-        graph = graph_ms(runner.graphs.graphs[bucket])
+        graph = replay_ms(runner.graphs.graphs[bucket], 50)
         hidden = runner.graphs.hidden[:batch]
         torch.cuda.synchronize()
         t0 = time.perf_counter()

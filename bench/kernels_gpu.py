@@ -1,8 +1,9 @@
 """Attention kernels on the GPU beside their baselines, in one run (random data, bf16).
 
 decode: achieved bandwidth (K+V bytes read / time) beside a device-to-device copy and torch SDPA
-on contiguous KV, each replayed from a CUDA graph over inputs larger than L2 together; prefill: TFLOP/s (causal, 4·s²·h·d/2) beside torch SDPA. A small sweep of
-launch configurations reports the best and the default.
+on contiguous KV, each replayed from a CUDA graph over inputs larger than L2 together; prefill:
+TFLOP/s (causal, 4·s²·h·d/2) beside torch SDPA. A small sweep of launch configurations reports the
+best and the default.
 
     python bench/kernels_gpu.py [--out DIR] [--quick]
 """
@@ -15,12 +16,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+from gpu_timing import replay_ms  # noqa: E402
 from kernels.triton_decode import decode_attention, num_splits_for  # noqa: E402
 from kernels.triton_extend import extend_attention  # noqa: E402
 
@@ -51,15 +54,7 @@ def graph_ms(make, nbytes: int, min_bytes: int = 256 << 20, replays: int = 20) -
     with torch.cuda.graph(graph):
         for fn in calls:
             fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays / len(calls)
+    return replay_ms(graph, replays) / len(calls)
 
 
 def copy_bw(nbytes):

@@ -1,0 +1,16 @@
+"""The clock the GPU benchmarks share: replays of a captured CUDA graph between two CUDA events."""
+from __future__ import annotations
+
+import torch
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:
+    """Milliseconds per replay of `graph`, after one untimed replay."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
