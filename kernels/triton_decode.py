@@ -11,6 +11,16 @@ from kernels.triton_tile import LOG2E, attend_tile
 
 
 @triton.jit
+def _split_span(seq_len, window, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, WINDOWED: tl.constexpr):
+    """The first key a query sees (its window's start) and the keys per split, whole tiles: the split kernel
+    and the combine cut a sequence alike."""
+    lo = 0
+    if WINDOWED:
+        lo = tl.maximum(seq_len - window, 0)
+    return lo, tl.cdiv(tl.cdiv(seq_len - lo, SPLITS), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, len_ptr, pos_ptr, part_ptr, lse_ptr, o_ptr,
     stride_qb, stride_qh, stride_ob, stride_oh, stride_bt, scale, window,
@@ -25,10 +35,7 @@ def _decode_split_kernel(
     heads = kvh * GROUP + tl.arange(0, BLOCK_H)
     h_mask = tl.arange(0, BLOCK_H) < GROUP
     d = tl.arange(0, D)
-    lo = 0
-    if HAS_WINDOW and not HAS_POS:
-        lo = tl.maximum(seq_len - window, 0)
-    split_len = tl.cdiv(tl.cdiv(seq_len - lo, SPLITS), BLOCK_N) * BLOCK_N
+    lo, split_len = _split_span(seq_len, window, SPLITS, BLOCK_N, HAS_WINDOW and not HAS_POS)
     start = lo + split * split_len
     end = tl.minimum(start + split_len, seq_len)
     if SPLITS == 1 or start < end:   # a split past the sequence's end stays idle: the combine skips it
@@ -55,14 +62,11 @@ def _decode_split_kernel(
 def _decode_combine_kernel(part_ptr, lse_ptr, len_ptr, o_ptr, stride_ob, stride_oh, window, HEADS: tl.constexpr,
                            D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, WINDOWED: tl.constexpr,
                            CHUNK: tl.constexpr):
-    """Merges the splits that held keys (the same arithmetic as the split kernel's), CHUNK per load."""
+    """Merges the splits that held keys, CHUNK per load."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(len_ptr + b)
-    lo = 0
-    if WINDOWED:
-        lo = tl.maximum(seq_len - window, 0)
-    split_len = tl.cdiv(tl.cdiv(seq_len - lo, SPLITS), BLOCK_N) * BLOCK_N
+    lo, split_len = _split_span(seq_len, window, SPLITS, BLOCK_N, WINDOWED)
     used = tl.cdiv(seq_len - lo, tl.maximum(split_len, 1))
     d = tl.arange(0, D)
     base = (b * HEADS + h) * SPLITS
