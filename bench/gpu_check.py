@@ -131,10 +131,10 @@ def check_r2r(slm_path: Path, llm_path: Path) -> dict:
     from routing.r2r import R2R
     from workers.engine import Engine, EngineConfig, ModelConfig, SamplingParams
 
-    def pair(device):
+    def pair(device, overlap=True):
         models = [ModelConfig(n, str(p), dtype="float32", device=device, kv_cache_mb=256, max_graph_batch=64)
                   for n, p in (("slm", slm_path), ("llm", llm_path))]
-        return R2R(Engine(EngineConfig(models)), "slm", "llm", [ForcedDecider()])
+        return R2R(Engine(EngineConfig(models, overlap=overlap)), "slm", "llm", [ForcedDecider()])
 
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 384, (n,), generator=g).tolist() for n in (7, 40, 1, 90)]
@@ -155,8 +155,13 @@ def check_r2r(slm_path: Path, llm_path: Path) -> dict:
         graphs = graphs or RouterGraphs(router, h, lg)
         errs.append((graphs(h, tok, lg) - router.prob(h, tok, lg)).abs().max().item())
     res["router_graph_vs_eager_max_err"] = max(errs)
+    r = pair("cuda")
     mixed = [o.token_ids for o in r.generate(prompts, greedy, threshold=0.8)]
+    res["mixed_overlapped_slm_steps_chained"] = r.engine.models["slm"].chained_steps
     res["mixed_cuda_equals_cpu"] = mixed == [o.token_ids for o in pair("cpu").generate(prompts, greedy, threshold=0.8)]
+    sync = pair("cuda", overlap=False)
+    res["mixed_overlapped_equals_one_step_at_a_time"] = mixed == [o.token_ids for o in sync.generate(prompts, greedy, threshold=0.8)]
+    res["all_blocks_free"] = all(s["free_blocks"] == s["num_blocks"] for e in (r.engine, sync.engine) for s in e.stats().values())
     return res
 
 

@@ -37,7 +37,8 @@ class ForcedRouter(RouterDecider):
     name = "forced_router"
 
     def decide(self, step, thresholds):
-        self.scores(step)
+        if step.prepared is None:                  # scored at launch unless the step was not deferred
+            self.scores(step)
         return self.forced.decide(step, thresholds)
 
     forced = ForcedDecider(spread=True)
@@ -78,7 +79,7 @@ def build(args) -> R2R:
 
 
 def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: float = 0.0, seed: int = 0,
-        min_rows: int = 1) -> dict:
+        min_rows: int = 1, overlap: bool = True) -> dict:
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True, detokenize=False)
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(100, 20000, (prompt_len,), generator=g).tolist() for _ in range(batch)]
@@ -86,6 +87,8 @@ def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: fl
     sync()
     t0 = time.perf_counter()
     r2r.llm_min_rows = min_rows
+    r2r.engine.config.overlap = overlap
+    chained = r2r.engine.models["slm"].chained_steps
     if kind == "r2r":
         outs = r2r.generate(prompts, params, threshold=1.0 - share)
     else:
@@ -96,6 +99,10 @@ def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: fl
     row = {"kind": kind, "batch": batch, "tokens": tokens, "prompt_len": prompt_len,
            "per_request_tok_s": round(1 / per_token, 2), "aggregate_tok_s": round(batch / per_token, 1),
            "wall_s": round(wall, 3)}
+    if not overlap:
+        row["overlap"] = False
+    if kind != "llm":
+        row["slm_chained_steps"] = r2r.engine.models["slm"].chained_steps - chained
     if kind == "r2r":
         row["forced_share"] = share
         row["llm_min_rows"] = min_rows
@@ -103,6 +110,79 @@ def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: fl
         row["router_ms_per_token"] = round(1e3 * sum(o.stats["router_s"] for o in outs) / (batch * tokens), 4)
         row["llm_ms_per_token"] = round(1e3 * sum(o.stats["llm_s"] for o in outs) / (batch * tokens), 4)
     return row
+
+
+def host_time(r2r: R2R, kind: str, args) -> dict:
+    """Per engine step, milliseconds of host work and of waiting for the device (in `InFlight.token_list`
+    and `prepared_rows`, where the host reads what a step computed)."""
+    from workers.engine.overlap import InFlight
+
+    waits, originals = [0.0], {n: getattr(InFlight, n) for n in ("token_list", "prepared_rows")}
+
+    def timed(fn):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                waits[0] += time.perf_counter() - t
+        return wrapper
+
+    steps, step = [0], r2r.engine.step
+
+    def counted():
+        steps[0] += 1
+        return step()
+
+    for n, fn in originals.items():
+        setattr(InFlight, n, timed(fn))
+    r2r.engine.step = counted
+    try:
+        t0 = time.perf_counter()
+        run(r2r, kind, 1, args.tokens, args.prompt_len, 0.13)
+        wall = time.perf_counter() - t0
+    finally:
+        for n, fn in originals.items():
+            setattr(InFlight, n, fn)
+        del r2r.engine.step
+    return {"engine_steps": steps[0], "wall_ms_per_step": round(1e3 * wall / steps[0], 4),
+            "wait_ms_per_step": round(1e3 * waits[0] / steps[0], 4),
+            "host_ms_per_step": round(1e3 * (wall - waits[0]) / steps[0], 4)}
+
+
+def profile(r2r: R2R, args) -> dict:
+    """Where a batch-1 token's time goes: the GPU time of one SLM step, of the router and of an LLM step
+    (graph replays), beside cProfile's view of the host in SLM-only and R2R runs at 13%."""
+    import cProfile
+    import io
+    import pstats
+
+    from gpu_timing import replay_ms
+
+    out = {}
+    if args.device == "cuda":
+        out["slm_step_gpu_ms"] = round(replay_ms(r2r.engine.models["slm"].runner.graphs.graphs[1]), 4)
+        out["llm_step_gpu_ms"] = round(replay_ms(r2r.engine.models["llm"].runner.graphs.graphs[1]), 4)
+        out["llm_8_rows_gpu_ms"] = round(replay_ms(r2r.engine.models["llm"].runner.graphs.graphs[8]), 4)
+        router_graphs = r2r.deciders["forced_router"].graphs
+        if router_graphs is not None:
+            out["router_gpu_ms"] = round(replay_ms(router_graphs.graphs[1]), 4)
+    for kind in ("slm", "r2r"):
+        out[f"{kind}_host_ms"] = host_time(r2r, kind, args)
+    for kind in ("slm", "r2r"):
+        prof = cProfile.Profile()
+        prof.enable()
+        t0 = time.perf_counter()
+        run(r2r, kind, 1, args.tokens, args.prompt_len, 0.13)
+        out[f"{kind}_profiled_wall_s"] = round(time.perf_counter() - t0, 3)
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+        out[f"{kind}_tottime"] = buf.getvalue()[-5000:]
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(35)
+        out[f"{kind}_cumulative"] = buf.getvalue()[-6000:]
+    return out
 
 
 def main() -> None:
@@ -120,6 +200,9 @@ def main() -> None:
     ap.add_argument("--shares", default="0.05,0.13,0.25")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=1, help="measured runs of each configuration")
+    ap.add_argument("--stall-dump", type=float, default=0, help="dump every thread's stack after this many seconds")
+    ap.add_argument("--ab-overlap", action="store_true", help="also R2R at 13%% with SLM steps not overlapped")
     ap.add_argument("--profile", action="store_true", help="cProfile one batch-1 R2R run at 13%%")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -129,31 +212,28 @@ def main() -> None:
         args.slm_path, args.llm_path = str(resolve(args.slm_path)), str(resolve(args.llm_path))
         args.slm_kv_mb, args.llm_kv_mb = min(args.slm_kv_mb, 256), min(args.llm_kv_mb, 512)
         args.slm, args.llm = Path(args.slm_path).name, Path(args.llm_path).name
+    if args.stall_dump:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.stall_dump, repeat=True)
     r2r = build(args)
     report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "torch": torch.__version__, "slm": args.slm, "llm": args.llm, "rows": []}
+              "torch": torch.__version__, "slm": args.slm, "llm": args.llm,
+              "router": {"width": args.router_width, "depth": args.router_depth}, "rows": []}
     shares = [float(s) for s in args.shares.split(",")]
     for batch in (int(b) for b in args.batches.split(",")):
-        configs = [("llm", 0.0, 1), ("slm", 0.0, 1)] + [("r2r", s, 1) for s in shares]
+        configs = [("llm", 0.0, 1, True), ("slm", 0.0, 1, True)] + [("r2r", s, 1, True) for s in shares]
+        configs += [("r2r", s, 1, False) for s in shares if args.ab_overlap and s == 0.13]
         if batch >= 8:
-            configs += [("r2r", s, batch // 4) for s in shares]
-        for kind, share, min_rows in configs:
-            run(r2r, kind, batch, args.tokens, args.prompt_len, share, 1, min_rows)  # warm-up: kernels compile
-            row = run(r2r, kind, batch, args.tokens, args.prompt_len, share, 2 + len(report["rows"]), min_rows)
-            report["rows"].append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+            configs += [("r2r", s, batch // 4, True) for s in shares]
+        for kind, share, min_rows, overlap in configs:
+            run(r2r, kind, batch, args.tokens, args.prompt_len, share, 1, min_rows, overlap)  # warm-up: kernels compile
+            for _ in range(args.repeat):
+                row = run(r2r, kind, batch, args.tokens, args.prompt_len, share, 2 + len(report["rows"]), min_rows, overlap)
+                report["rows"].append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
     if args.profile:
-        import cProfile
-        import io
-        import pstats
-
-        prof = cProfile.Profile()
-        prof.enable()
-        run(r2r, "r2r", 1, args.tokens, args.prompt_len, 0.13)
-        prof.disable()
-        buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
-        report["profile_r2r_b1"] = buf.getvalue()[-6000:]
+        report["profile"] = profile(r2r, args)
     llm = {r["batch"]: r for r in report["rows"] if r["kind"] == "llm"}
     for r in report["rows"]:
         r["speedup_per_request_vs_llm"] = round(r["per_request_tok_s"] / llm[r["batch"]]["per_request_tok_s"], 2)

@@ -75,7 +75,8 @@ def extend_attention(
     block_m = 16 if max_q_len <= 16 else (64 if d <= 128 else 32)
     block_n = 64 if d <= 128 else 32
     warps, stages = (8 if block_m >= 128 else 4), (3 if q.is_cuda else 1)
-    if q.is_cuda and d <= 128 and max_q_len > 64:   # the H100 sweep's best for long prefills (bench/kernels_gpu.py)
+    if q.is_cuda and q.element_size() == 2 and d <= 128 and max_q_len > 64:   # the H100 sweep's best for long
+        # 16-bit prefills (bench/kernels_gpu.py); fp32 tiles that size overflow shared memory
         block_m, block_n, warps = 128, (128 if d > 64 else 64), 8
     if config is not None:
         block_m, block_n, warps, stages = config

@@ -1,6 +1,7 @@
 """Per-token deciders for R2R: which rows of an SLM step go to the LLM. Each takes the step and a
-per-row threshold in [0, 1] and returns a boolean mask on the host; scores are computed batched on
-the step's device.
+per-row threshold in [0, 1] and returns a boolean mask on the host. Deciders `on_device` score the
+rows batched on the step's device when the step is launched (R2R's `prepare`), and find the scores
+on the host in `step.prepared` when it lands; the others score on the host when it lands.
 Threshold 0 always fires and 1 never does, whatever the score."""
 from __future__ import annotations
 
@@ -18,13 +19,13 @@ class Decider:
 
     name: str = ""
     default_threshold: float = 0.5
+    on_device: bool = True
 
     def scores(self, step: StepView) -> torch.Tensor:
         raise NotImplementedError
 
     def decide(self, step: StepView, thresholds: torch.Tensor) -> torch.Tensor:
-        """On the host: the scores come back in one transfer, the step's only wait for the device."""
-        scores = self.scores(step).float().cpu()
+        scores = step.prepared if step.prepared is not None and self.on_device else self.scores(step).float().cpu()
         return torch.where(thresholds <= 0, True, torch.where(thresholds >= 1, False, scores >= thresholds))
 
 
@@ -64,6 +65,7 @@ class RandomDecider(Decider):
 
     name = "random"
     default_threshold = 0.87
+    on_device = False
 
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
@@ -79,6 +81,7 @@ class ForcedDecider(Decider):
 
     name = "forced"
     default_threshold = 0.87
+    on_device = False
 
     def __init__(self, spread: bool = False):
         self.spread = spread

@@ -21,6 +21,7 @@ import torch
 from routing.deciders import Decider
 from tandem.errors import InvalidRequestError
 from workers.engine import (
+    DeferredPolicy,
     Engine,
     PolicyDecision,
     RequestOutput,
@@ -61,6 +62,7 @@ class R2R:
         self.llm_max_wait_steps = llm_max_wait_steps
         self.pending: list[tuple[Sequence, RouteState, int, int]] = []
         self.steps = 0
+        self.prepare_s = 0.0
         self.slm = engine.model(slm)
         self.llm = engine.model(llm) if llm else None
         self.deciders = {d.name: d for d in deciders}
@@ -73,7 +75,7 @@ class R2R:
                 raise InvalidRequestError("llm", f"{slm!r} and {llm!r} do not share special tokens")
         self.states: dict[str, RouteState] = {}
         self.shadows: dict[str, RouteState] = {}
-        engine.add_policy(slm, self._on_slm_step)
+        engine.add_policy(slm, DeferredPolicy(self._score_slm_step, self._on_slm_step))
         if self.llm is not None:
             engine.add_policy(llm, self._on_llm_step)
         engine.retire_hooks.append(self._on_retire)
@@ -115,22 +117,44 @@ class R2R:
 
     # ----- on the engine's thread -----
 
+    def _groups(self, step: StepView) -> dict[str, list[int]]:
+        by_decider: dict[str, list[int]] = {}
+        for i, s in enumerate(step.seqs):
+            state = self.states.get(s.request_id)
+            if state is not None:
+                by_decider.setdefault(state.decider.name, []).append(i)
+        return by_decider
+
+    def _score_slm_step(self, step: StepView) -> torch.Tensor | None:
+        """At launch, on the device: the scores of the rows whose deciders score there (NaN elsewhere)."""
+        t0 = time.perf_counter()
+        groups = {n: idx for n, idx in self._groups(step).items() if self.deciders[n].on_device}
+        if not groups:
+            return None
+        if len(groups) == 1 and len(next(iter(groups.values()))) == len(step.seqs):
+            scores = self.deciders[next(iter(groups))].scores(step).float()
+        else:
+            scores = torch.full((len(step.seqs),), float("nan"), device=step.logits.device)
+            for name, idx in groups.items():
+                scores[idx] = self.deciders[name].scores(_rows(step, idx)).float()
+        self.prepare_s += time.perf_counter() - t0
+        return scores
+
     def _on_slm_step(self, step: StepView) -> PolicyDecision | None:
-        rows = [i for i, s in enumerate(step.seqs) if s.request_id in self.states]
-        if not rows:
+        by_decider = self._groups(step)
+        if not by_decider:
             return None
         t0 = time.perf_counter()
+        rows = [i for idx in by_decider.values() for i in idx]
         fire = torch.zeros(len(step.seqs), dtype=torch.bool)
-        by_decider: dict[str, list[int]] = {}
-        for i in rows:
-            by_decider.setdefault(self.states[step.seqs[i].request_id].decider.name, []).append(i)
         for name, idx in by_decider.items():
             sub = _rows(step, idx)
             thresholds = torch.tensor([self.states[s.request_id].threshold for s in sub.seqs])
             fire[idx] = self.deciders[name].decide(sub, thresholds)
         fired = fire.tolist()
-        router_s = (time.perf_counter() - t0) / len(rows)
-        tokens = step.tokens.tolist() if any(fired) else []
+        router_s = (time.perf_counter() - t0 + self.prepare_s) / len(rows)
+        self.prepare_s = 0.0
+        tokens = step.tokens.tolist()
         for i in rows:
             seq = step.seqs[i]
             state = self.states[seq.request_id]
@@ -224,6 +248,7 @@ class R2R:
 def _rows(step: StepView, idx: list[int]) -> StepView:
     if len(idx) == len(step.seqs):
         return step
-    t = torch.tensor(idx, device=step.hidden.device)
-    return StepView(step.model, [step.seqs[i] for i in idx], step.hidden[t], step.logits[t], step.tokens[t],
-                    [step.logprobs[i] for i in idx] if step.logprobs else None)
+    t = torch.tensor(idx, device=step.logits.device)
+    return StepView(step.model, [step.seqs[i] for i in idx], step.hidden[t], step.logits[t], step.tokens[t.to(step.tokens.device)],
+                    [step.logprobs[i] for i in idx] if step.logprobs else None,
+                    step.prepared[idx] if step.prepared is not None else None)

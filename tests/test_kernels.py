@@ -98,6 +98,7 @@ EXTEND_CASES = [  # (context lengths, new-token counts, kv_heads, group, head_di
     ([70], [70], 1, 4, 64),
     ([24, 50], [3, 19], 2, 7, 64),
     ([18], [18], 1, 2, 256),
+    ([150, 90], [130, 90], 2, 2, 128),    # past 64 new tokens: the GPU's long-prefill tiles, in each dtype
 ]
 
 

@@ -83,3 +83,36 @@ def test_overlapped_steps_equal_one_at_a_time(tiny_paths):
     assert [o.finish_reason for o in over] == [o.finish_reason for o in plain]
     assert {o.finish_reason for o in plain} == {"stop", "length"}
     assert free_plain and free_over
+
+
+def test_r2r_keeps_steps_overlapped_and_gives_the_same_tokens(tiny_paths):
+    """R2R's SLM policy is deferred: its scores are queued at launch, so SLM steps stay chained; a row the
+    router hands to the LLM was speculated on in the chained step and is dropped there, not appended."""
+    from test_r2r import pair_engine, tiny_router
+
+    from routing.deciders import ForcedDecider, RouterDecider
+    from routing.r2r import R2R
+
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [20]]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    cases = [("forced", 0.8, False, 1), ("forced", 0.8, True, 1), ("router", 0.028, False, 1), ("forced", 0.7, False, 2)]
+    for decider, threshold, one_at_a_time, min_rows in cases:
+        results = []
+        for overlap in (False, True):
+            engine = pair_engine(tiny_paths, overlap=overlap)
+            rows = engine.models["slm"].runner.graphs = EagerRows(engine.models["slm"].runner)
+            deciders = [ForcedDecider(spread=True), RouterDecider(tiny_router(engine))]
+            r = R2R(engine, "slm", "llm", deciders, llm_min_rows=min_rows, llm_max_wait_steps=2)
+            outs = []
+            for group in ([[p] for p in prompts] if one_at_a_time else [prompts]):
+                ids = [f"req-{prompts.index(p)}" for p in group]        # the forced decider's phase comes from the id
+                for rid, p in zip(ids, group):
+                    r.add_request(rid, p, params, decider=decider, threshold=threshold)
+                outs += engine.collect(ids)
+            results.append(([o.token_ids for o in outs], [o.sources for o in outs], rows.chained))
+            assert all(s["free_blocks"] == s["num_blocks"] for s in engine.stats().values())
+            assert not engine.requests
+        (plain, plain_sources, plain_chained), (over, over_sources, chained) = results
+        assert plain_chained == 0 and chained > 5, (decider, chained)
+        assert over == plain and over_sources == plain_sources, decider
+        assert any("llm" in s for s in plain_sources) and any("slm" in s for s in plain_sources), decider

@@ -161,3 +161,4 @@ def test_batched_hand_offs_give_the_same_tokens(tiny_paths):
     assert len({tuple(v) for v in expected.values()}) > 1
     assert not batched.pending and not engine.requests
     assert all(s["free_blocks"] == s["num_blocks"] for s in engine.stats().values())
+

@@ -5,7 +5,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,8 +16,8 @@ from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.model_runner import ModelRunner
 from workers.engine.outputs import KVSlice, RequestOutput, StepOutput
-from workers.engine.overlap import InFlight, chain, commit_chained, may_defer
-from workers.engine.policy import PolicyDecision, StepView, TokenPolicy
+from workers.engine.overlap import HostCopies, InFlight, chain, commit_chained, may_defer
+from workers.engine.policy import TokenPolicy, apply_policies
 from workers.engine.postprocess import append_token, finish_output
 from workers.engine.sampler import Sampler
 from workers.engine.sampling_params import SamplingParams
@@ -35,6 +35,8 @@ class ResidentModel:
     policies: list[TokenPolicy]
     step_started: float = 0.0
     in_flight: InFlight | None = None
+    chained_steps: int = 0
+    host_copies: HostCopies = field(default_factory=HostCopies)
 
     @property
     def tokenizer(self):
@@ -65,7 +67,7 @@ class Engine:
         self._inbox: deque[Callable[[], None]] = deque()
         self._outbox: list[StepOutput] = []
         self.retire_hooks: list[Callable[[Sequence], None]] = []
-        self.step_hooks: list[Callable[[], None]] = []
+        self.step_hooks: list[Callable[[], None]] = []      # after every step, also while one is in flight
 
     # ----- the door: validation in the caller's thread, effects in the engine's -----
 
@@ -269,6 +271,7 @@ class Engine:
             nxt = chain(self, rm, rm.in_flight)
             self._land(rm)
             if nxt is not None:
+                rm.chained_steps += 1
                 commit_chained(rm, nxt)
                 rm.in_flight = nxt
                 return
@@ -280,6 +283,8 @@ class Engine:
             return
         if may_defer(self, rm, fl):
             fl.keep(self.sampler(fl.logits, fl.seqs).tokens, rm.runner.graphs)
+            if rm.policies:
+                fl.prepare(rm)
             rm.in_flight = fl
         else:
             self._finish(rm, fl)
@@ -306,27 +311,27 @@ class Engine:
 
     def _finish(self, rm: ResidentModel, fl: InFlight) -> None:
         """Wait for the step's tokens, let the policies decide, and append them."""
-        seqs, hidden, logits = fl.seqs, fl.hidden, fl.logits
         if fl.tokens is None:
-            result = self.sampler(logits, seqs)
-            tokens, logprobs = result.tokens, result.logprobs
+            result = self.sampler(fl.logits, fl.seqs)
+            fl.tokens, logprobs = result.tokens, result.logprobs
+            if rm.policies:
+                fl.prepare(rm)
         else:
-            tokens, logprobs = fl.tokens, [None] * len(seqs)
-        decision = PolicyDecision()
-        for policy in rm.policies:
-            decision = policy(StepView(rm.name, seqs, hidden, logits, tokens, logprobs)) or decision
-            tokens = decision.tokens if decision.tokens is not None else tokens
-        token_list = fl.token_list() if fl.ready is not None and tokens is fl.tokens else tokens.tolist()
+            logprobs = [None] * len(fl.seqs)
+        token_list = fl.token_list()
+        rows = [i for i, s in enumerate(fl.seqs) if not s.is_finished and not (fl.stale and i in fl.stale)]
+        if len(rows) < len(fl.seqs):
+            token_list, logprobs = [token_list[i] for i in rows], [logprobs[i] for i in rows]
+        seqs = [fl.seqs[i] for i in rows]
+        token_list, decision = apply_policies(rm.name, rm.policies, fl, rows, token_list, logprobs)
         pause = decision.pause.tolist() if decision.pause is not None else [False] * len(seqs)
         hold = decision.hold.tolist() if decision.hold is not None else [False] * len(seqs)
         for i, seq in enumerate(seqs):
-            if seq.is_finished:
-                continue
             if hold[i] or seq.propose_only:
                 rm.scheduler.pause(seq)
                 if seq.propose_only and not hold[i]:
                     if seq.vocab_limit and token_list[i] >= seq.vocab_limit:
-                        token_list[i] = int(logits[i, : seq.vocab_limit].argmax())
+                        token_list[i] = int(fl.logits[rows[i], : seq.vocab_limit].argmax())
                     self._outbox.append(StepOutput(seq.request_id, rm.name, [token_list[i]], logprobs=[
                         logprobs[i]] if logprobs[i] else [], proposed=True))
                 continue

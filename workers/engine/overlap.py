@@ -2,10 +2,12 @@
 whose input tokens are step n's sampled tokens still on the device; only then does it wait for step
 n's tokens and append them. The GPU never idles for the host's scheduling and bookkeeping.
 
-A step is chained only when the next one is certain to be the same batch of plain decode rows: greedy
-sampling without logprobs, no token policies or step hooks, nothing waiting to be admitted, and room
-in every sequence's blocks, length and token budget for one more token. A sequence that stops on the
-token of step n had one extra token computed in step n+1, which is dropped."""
+A step is chained when the next one is likely to be the same batch of plain decode rows: greedy sampling
+without logprobs, no token policies but deferred ones (`DeferredPolicy`, whose device work is queued at
+launch), nothing waiting to be admitted, and room in every sequence's blocks, length and
+token budget for one more token. The chained step is a speculation on step n's tokens: a sequence that
+stops on the token of step n, or whose token a policy holds back, had one extra token computed in step
+n+1; that row is marked stale and dropped (its KV slot is rewritten when the sequence goes on)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from workers.engine.policy import DeferredPolicy, StepView
 from workers.engine.sequence import Sequence, Status
 
 if TYPE_CHECKING:
@@ -31,6 +34,8 @@ class InFlight:
     tokens: torch.Tensor | None = None
     host_tokens: torch.Tensor | None = None    # `tokens` copied to pinned memory, valid once `ready` has passed
     ready: torch.cuda.Event | None = None
+    prepared: list[tuple[torch.Tensor, torch.cuda.Event | None] | None] | None = None   # per policy, see `prepare`
+    stale: set[int] | None = None              # rows of a chained step whose input token did not stand
 
     def keep(self, tokens: torch.Tensor, graphs) -> None:
         """Hold the step's sampled tokens; on CUDA queue their copy to the host now, ahead of the next step's
@@ -40,8 +45,26 @@ class InFlight:
             self.host_tokens, self.ready = graphs.send_home(tokens)
 
     def token_list(self) -> list[int]:
+        if self.ready is None:
+            return self.tokens.tolist()
         self.ready.synchronize()
         return self.host_tokens.tolist()
+
+    def prepare(self, rm: ResidentModel) -> None:
+        """Run the deferred policies' device halves on this step's device tokens and send their rows home."""
+        view = StepView(rm.name, self.seqs, self.hidden, self.logits, self.tokens)
+        self.prepared = []
+        for k, policy in enumerate(rm.policies):
+            rows = policy.prepare(view) if isinstance(policy, DeferredPolicy) else None
+            self.prepared.append(None if rows is None else rm.host_copies.send(k, rows))
+
+    def prepared_rows(self, k: int) -> torch.Tensor | None:
+        if not self.prepared or self.prepared[k] is None:
+            return None
+        rows, ready = self.prepared[k]
+        if ready is not None:
+            ready.synchronize()
+        return rows
 
     @property
     def seqs(self) -> list[Sequence]:
@@ -54,10 +77,34 @@ def _plain(seq: Sequence) -> bool:
             and seq.status is Status.RUNNING and not seq.is_finished)
 
 
+class HostCopies:
+    """Pinned host buffers for small per-step tensors (a policy's scores), two per key used in turn, as in
+    `DecodeGraphs.send_home`: at most two steps are in flight."""
+
+    def __init__(self):
+        self._buffers: dict[int, tuple[list[torch.Tensor], list[torch.cuda.Event]]] = {}
+        self._turn: dict[int, int] = {}
+
+    def send(self, key: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        if not rows.is_cuda:
+            return rows, None
+        bufs = self._buffers.get(key)
+        if bufs is None or bufs[0][0].dtype != rows.dtype or bufs[0][0].numel() < rows.numel():
+            bufs = ([torch.empty(max(rows.numel(), 256), dtype=rows.dtype, pin_memory=True) for _ in range(2)],
+                    [torch.cuda.Event() for _ in range(2)])
+            self._buffers[key] = bufs
+        turn = self._turn[key] = self._turn.get(key, 0) ^ 1
+        home = bufs[0][turn][: rows.numel()].view(rows.shape)
+        home.copy_(rows, non_blocking=True)
+        bufs[1][turn].record()
+        return home, bufs[1][turn]
+
+
 def may_defer(engine: Engine, rm: ResidentModel, fl: InFlight) -> bool:
     """Whether a just-launched step may stay in flight, so the next engine step can chain onto it."""
     graphs = rm.runner.graphs
-    return (engine.config.overlap and graphs is not None and not rm.policies and not engine.step_hooks
+    return (engine.config.overlap and graphs is not None
+            and all(isinstance(p, DeferredPolicy) for p in rm.policies)
             and len(fl.sample_rows) == len(fl.batch) and all(s.num_new == 1 for s in fl.batch)
             and graphs.fits(fl.batch) and all(_plain(s) for s in fl.seqs))
 
@@ -65,7 +112,8 @@ def may_defer(engine: Engine, rm: ResidentModel, fl: InFlight) -> bool:
 def chain(engine: Engine, rm: ResidentModel, fl: InFlight) -> InFlight | None:
     """Launch the step after `fl` on its device tokens, or None when it cannot be chained."""
     sched = rm.scheduler
-    if engine._inbox or sched.waiting or len(sched.running) != len(fl.batch) or not may_defer(engine, rm, fl):
+    if (engine._inbox or sched.waiting or len(sched.running) != len(fl.batch) or fl.stale
+            or not may_defer(engine, rm, fl)):
         return None
     for seq in fl.seqs:
         nxt = seq.num_tokens + 1                          # the in-flight token, then the one this step samples
@@ -78,13 +126,19 @@ def chain(engine: Engine, rm: ResidentModel, fl: InFlight) -> InFlight | None:
         logits = rm.runner.model.logits(hidden)
         nxt = InFlight([ScheduledSeq(s.seq, 1) for s in fl.batch], fl.sample_rows, hidden, logits)
         nxt.keep(logits.argmax(dim=-1), rm.runner.graphs)
+        if rm.policies:
+            nxt.prepare(rm)
     return nxt
 
 
 def commit_chained(rm: ResidentModel, fl: InFlight) -> None:
-    """After the previous step's tokens are appended: the chained step computed each live sequence's last token."""
-    for seq in fl.seqs:
+    """After the previous step's tokens are appended: the chained step computed each live sequence's last
+    token; a sequence that finished or was held is stale in it."""
+    fl.stale = set()
+    for i, seq in enumerate(fl.seqs):
         if not seq.is_finished and seq.status is Status.RUNNING:
             assert seq.num_computed == seq.num_tokens - 1
             seq.num_computed += 1
             rm.blocks.commit(seq)
+        else:
+            fl.stale.add(i)
