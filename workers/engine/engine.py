@@ -319,10 +319,10 @@ class Engine:
         else:
             logprobs = [None] * len(fl.seqs)
         token_list = fl.token_list()
-        rows = [i for i, s in enumerate(fl.seqs) if not s.is_finished and not (fl.stale and i in fl.stale)]
-        if len(rows) < len(fl.seqs):
-            token_list, logprobs = [token_list[i] for i in rows], [logprobs[i] for i in rows]
-        seqs = [fl.seqs[i] for i in rows]
+        seqs = fl.seqs
+        rows = [i for i, s in enumerate(seqs) if not s.is_finished and not (fl.stale and i in fl.stale)]
+        if len(rows) < len(seqs):
+            seqs, token_list, logprobs = [seqs[i] for i in rows], [token_list[i] for i in rows], [logprobs[i] for i in rows]
         token_list, decision = apply_policies(rm.name, rm.policies, fl, rows, token_list, logprobs)
         pause = decision.pause.tolist() if decision.pause is not None else [False] * len(seqs)
         hold = decision.hold.tolist() if decision.hold is not None else [False] * len(seqs)

@@ -10,6 +10,7 @@ stops on the token of step n, or whose token a policy holds back, had one extra 
 n+1; that row is marked stale and dropped (its KV slot is rewritten when the sequence goes on)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -66,7 +67,7 @@ class InFlight:
             ready.synchronize()
         return rows
 
-    @property
+    @functools.cached_property
     def seqs(self) -> list[Sequence]:
         return [self.batch[i].seq for i in self.sample_rows]
 

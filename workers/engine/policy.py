@@ -69,7 +69,7 @@ def apply_policies(model: str, policies: list[TokenPolicy], fl: InFlight, rows: 
     full = len(rows) == len(fl.seqs)
     index = None if full else torch.tensor(rows, device=fl.logits.device)
     hidden, logits = (fl.hidden, fl.logits) if full else (fl.hidden[index], fl.logits[index])
-    seqs, tokens = [fl.seqs[i] for i in rows], torch.tensor(token_list)
+    seqs, tokens = fl.seqs if full else [fl.seqs[i] for i in rows], torch.tensor(token_list)
     for k, policy in enumerate(policies):
         prepared = fl.prepared_rows(k)
         prepared = prepared if prepared is None or full else prepared[rows]
