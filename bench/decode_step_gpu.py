@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
@@ -81,6 +82,48 @@ def start_decoding(engine, batch: int, ctx: int, steps: int) -> list:
     return seqs
 
 
+def device_ms(engine, batch: int) -> float:
+    """GPU time of one step alone: the decode graph's replay, then the LM head and argmax on its output."""
+    from gpu_timing import replay_ms
+
+    runner = engine.model().runner
+    graph = torch.cuda.CUDAGraph()
+    hidden = runner.graphs.hidden[:batch]
+    with torch.inference_mode():
+        for _ in range(2):
+            runner.model.logits(hidden).argmax(-1)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            runner.model.logits(hidden).argmax(-1)
+    bucket = next(b for b in runner.graphs.buckets if b >= batch)
+    return round(replay_ms(runner.graphs.graphs[bucket]) + replay_ms(graph), 4)
+
+
+def host_step_ms(engine, batch: int, steps: int) -> float:
+    """Host time of an engine step: the same steps with the device's work skipped (the graph's replay
+    and the LM head replaced by no-ops), so only the Python around them is timed."""
+    runner = engine.model().runner
+    graphs, model = runner.graphs, runner.model
+    saved = dict(graphs.graphs)
+    logits = torch.zeros(batch, 8, device="cuda")
+
+    class Noop:
+        def replay(self):
+            pass
+
+    graphs.graphs = {b: Noop() for b in saved}
+    model.logits = lambda h: logits[: h.shape[0]]
+    try:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        return round((time.perf_counter() - t0) / steps * 1e3, 4)
+    finally:
+        graphs.graphs = saved
+        del model.logits
+
+
 def bench_ours(shape: str, out: list) -> None:
     per_token = 2 * SHAPES[shape]["num_hidden_layers"] * SHAPES[shape]["num_key_value_heads"] * 128 * 2
     free = torch.cuda.mem_get_info()[0]
@@ -92,7 +135,7 @@ def bench_ours(shape: str, out: list) -> None:
                 out.append({"shape": shape, "batch": batch, "ctx": ctx, "skipped": "KV does not fit"})
                 continue
             steps = 32
-            seqs = start_decoding(engine, batch, ctx, steps + 4)
+            seqs = start_decoding(engine, batch, ctx, 2 * steps + 4)
             for _ in range(4):
                 engine.step()
             torch.cuda.synchronize()
@@ -101,10 +144,13 @@ def bench_ours(shape: str, out: list) -> None:
                 engine.step()
             torch.cuda.synchronize()
             ms = (time.perf_counter() - t0) / steps * 1e3
+            gpu_ms = device_ms(engine, batch)
+            host_ms = host_step_ms(engine, batch, steps)
             for s in seqs:
                 engine.abort(s.request_id)
             engine.step()
             row = {"shape": shape, "batch": batch, "ctx": ctx, "tandem_ms_per_step": round(ms, 3),
+                   "gpu_ms_per_step": gpu_ms, "host_ms_per_step": host_ms,
                    "tandem_tok_s": round(batch / ms * 1e3, 1), "kv_bytes_per_token": per_token}
             out.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)

@@ -115,8 +115,10 @@ class DecodeGraphs:
             if written < len(table):
                 table_np[i, written : len(table)] = table[written:]
                 written_rows[i] = (table, len(table))
-        pad = b - n
-        host[:, :b] = torch.tensor([ids + [0] * pad, pos + [0] * pad, slots + [-1] * pad, lens + [0] * pad])
+        h = host.numpy()
+        h[0, :n], h[1, :n], h[2, :n], h[3, :n] = ids, pos, slots, lens
+        h[:, n:b] = 0
+        h[2, n:b] = -1                                 # padding rows write no KV
         self.input_ids[:b].copy_(host[0, :b], non_blocking=True)
         self.positions[:b].copy_(host[1, :b], non_blocking=True)
         self.slots[:b].copy_(host[2, :b], non_blocking=True)

@@ -320,7 +320,8 @@ class Engine:
             logprobs = [None] * len(fl.seqs)
         token_list = fl.token_list()
         seqs = fl.seqs
-        rows = [i for i, s in enumerate(seqs) if not s.is_finished and not (fl.stale and i in fl.stale)]
+        stale = fl.stale or ()
+        rows = [i for i, s in enumerate(seqs) if s.status is not Status.FINISHED and i not in stale]
         if len(rows) < len(seqs):
             seqs, token_list, logprobs = [seqs[i] for i in rows], [token_list[i] for i in rows], [logprobs[i] for i in rows]
         token_list, decision = apply_policies(rm.name, rm.policies, fl, rows, token_list, logprobs)

@@ -37,6 +37,7 @@ class InFlight:
     ready: torch.cuda.Event | None = None
     prepared: list[tuple[torch.Tensor, torch.cuda.Event | None] | None] | None = None   # per policy, see `prepare`
     stale: set[int] | None = None              # rows of a chained step whose input token did not stand
+    plain: bool | None = None                  # decode rows only, each greedy without logprobs (see `may_defer`)
 
     def keep(self, tokens: torch.Tensor, graphs) -> None:
         """Hold the step's sampled tokens; on CUDA queue their copy to the host now, ahead of the next step's
@@ -74,8 +75,7 @@ class InFlight:
 
 def _plain(seq: Sequence) -> bool:
     p = seq.params
-    return (p.greedy and p.logprobs is None and not seq.propose_only and not seq.vocab_limit
-            and seq.status is Status.RUNNING and not seq.is_finished)
+    return p.greedy and p.logprobs is None and not seq.propose_only and not seq.vocab_limit
 
 
 class HostCopies:
@@ -104,10 +104,12 @@ class HostCopies:
 def may_defer(engine: Engine, rm: ResidentModel, fl: InFlight) -> bool:
     """Whether a just-launched step may stay in flight, so the next engine step can chain onto it."""
     graphs = rm.runner.graphs
-    return (engine.config.overlap and graphs is not None
-            and all(isinstance(p, DeferredPolicy) for p in rm.policies)
-            and len(fl.sample_rows) == len(fl.batch) and all(s.num_new == 1 for s in fl.batch)
-            and graphs.fits(fl.batch) and all(_plain(s) for s in fl.seqs))
+    if not (engine.config.overlap and graphs is not None and all(isinstance(p, DeferredPolicy) for p in rm.policies)):
+        return False
+    if fl.plain is None:                                  # what cannot change while the same batch is chained
+        fl.plain = (len(fl.sample_rows) == len(fl.batch) and graphs.fits(fl.batch)
+                    and all(s.num_new == 1 and _plain(s.seq) for s in fl.batch))
+    return fl.plain and all(s.status is Status.RUNNING for s in fl.seqs)
 
 
 def chain(engine: Engine, rm: ResidentModel, fl: InFlight) -> InFlight | None:
@@ -116,16 +118,17 @@ def chain(engine: Engine, rm: ResidentModel, fl: InFlight) -> InFlight | None:
     if (engine._inbox or sched.waiting or len(sched.running) != len(fl.batch) or fl.stale
             or not may_defer(engine, rm, fl)):
         return None
+    room = rm.blocks.block_size
     for seq in fl.seqs:
-        nxt = seq.num_tokens + 1                          # the in-flight token, then the one this step samples
-        if nxt >= seq.max_len or seq.num_output + 2 > seq.params.max_tokens or not rm.blocks.ensure(seq, nxt):
+        nxt = len(seq.token_ids) + 1                      # the in-flight token, then the one this step samples
+        if nxt >= seq.max_len or len(seq.output_token_ids) + 2 > seq.params.max_tokens:
             return None
-    from workers.engine.scheduler import ScheduledSeq
-
+        if nxt > len(seq.block_table) * room and not rm.blocks.ensure(seq, nxt):
+            return None
     with torch.inference_mode():
         hidden = rm.runner.graphs.run_rows([(s.seq, s.seq.num_tokens) for s in fl.batch], device_ids=fl.tokens)
         logits = rm.runner.model.logits(hidden)
-        nxt = InFlight([ScheduledSeq(s.seq, 1) for s in fl.batch], fl.sample_rows, hidden, logits)
+        nxt = InFlight(fl.batch, fl.sample_rows, hidden, logits, plain=True)   # one new token per row again
         nxt.keep(logits.argmax(dim=-1), rm.runner.graphs)
         if rm.policies:
             nxt.prepare(rm)
@@ -136,10 +139,13 @@ def commit_chained(rm: ResidentModel, fl: InFlight) -> None:
     """After the previous step's tokens are appended: the chained step computed each live sequence's last
     token; a sequence that finished or was held is stale in it."""
     fl.stale = set()
+    blocks = rm.blocks
+    per_block = blocks.block_size if blocks.enable_prefix_caching else 0
     for i, seq in enumerate(fl.seqs):
-        if not seq.is_finished and seq.status is Status.RUNNING:
-            assert seq.num_computed == seq.num_tokens - 1
+        if seq.status is Status.RUNNING:
+            assert seq.num_computed == len(seq.token_ids) - 1
             seq.num_computed += 1
-            rm.blocks.commit(seq)
+            if per_block and seq.num_computed // per_block > seq.num_committed_blocks:
+                blocks.commit(seq)
         else:
             fl.stale.add(i)
