@@ -27,9 +27,9 @@ class DecodeGraphs:
         n = self.buckets[-1]
         dev = runner.device
         self.max_blocks = -(-runner.max_model_len // runner.block_size)
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slots = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.inputs = torch.zeros((4, n), dtype=torch.long, device=dev)      # ids, positions, slots, lengths:
+        self.input_ids, self.positions, self.slots, self.lengths = self.inputs   # one transfer per step
+        self.slots.fill_(-1)
         self.block_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=dev)
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=dev)
         self.cu_q = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -72,17 +72,20 @@ class DecodeGraphs:
         event.record()
         return home, event
 
+    def _forward(self, b: int, fb) -> None:
+        self.seq_lens[:b].copy_(self.lengths[:b])
+        self.hidden[:b] = self.runner.model(self.input_ids[:b], fb)
+
     @torch.inference_mode()
     def _capture(self, b: int) -> None:
         fb = self.runner.forward_batch(self._meta(b))
-        model = self.runner.model
         for _ in range(2):
-            self.hidden[:b] = model(self.input_ids[:b], fb)
+            self._forward(b, fb)
         torch.cuda.synchronize()
         gc.collect()   # no garbage may be freed inside the capture (a pinned buffer's release records an event)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self.hidden[:b] = model(self.input_ids[:b], fb)
+            self._forward(b, fb)
         self.pool = graph.pool()
         self.graphs[b] = graph
 
@@ -119,10 +122,7 @@ class DecodeGraphs:
         h[0, :n], h[1, :n], h[2, :n], h[3, :n] = ids, pos, slots, lens
         h[:, n:b] = 0
         h[2, n:b] = -1                                 # padding rows write no KV
-        self.input_ids[:b].copy_(host[0, :b], non_blocking=True)
-        self.positions[:b].copy_(host[1, :b], non_blocking=True)
-        self.slots[:b].copy_(host[2, :b], non_blocking=True)
-        self.seq_lens[:b].copy_(host[3, :b], non_blocking=True)
+        self.inputs.copy_(host, non_blocking=True)
         self.block_tables[:b].copy_(table_host[:b], non_blocking=True)
         if device_ids is not None:
             self.input_ids[:n].copy_(device_ids)
