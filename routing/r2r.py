@@ -154,7 +154,7 @@ class R2R:
         fired = fire.tolist()
         router_s = (time.perf_counter() - t0 + self.prepare_s) / len(rows)
         self.prepare_s = 0.0
-        tokens = step.tokens.tolist()
+        tokens = step.tokens.tolist() if any(fired) else []
         for i in rows:
             seq = step.seqs[i]
             state = self.states[seq.request_id]

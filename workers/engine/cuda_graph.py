@@ -42,9 +42,6 @@ class DecodeGraphs:
         self._hosts = [torch.zeros((4, n), dtype=torch.long, pin_memory=True) for _ in range(2)]
         self._written: list[list[tuple[list | None, int]]] = [[(None, 0)] * n for _ in range(2)]  # table per row
         self._turn = 0
-        self._homes = [torch.zeros(n, dtype=torch.long, pin_memory=True) for _ in range(2)]
-        self._home_events = [torch.cuda.Event() for _ in range(2)]
-        self._home_turn = 0
         for b in reversed(self.buckets):
             self._capture(b)
 
@@ -61,16 +58,6 @@ class DecodeGraphs:
             seq_lens=self.seq_lens[:b], num_decode=b, cu_q=self.cu_q, max_q_len=0,
             page_size=self.runner.block_size, num_splits=self.runner.num_splits(b),
         )
-
-    def send_home(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
-        """Copy a step's sampled tokens to pinned host memory behind the step's work, into the one of two
-        buffers not holding the step before it (at most two steps are in flight); the event marks arrival."""
-        self._home_turn ^= 1
-        home = self._homes[self._home_turn][: tokens.shape[0]]
-        home.copy_(tokens, non_blocking=True)
-        event = self._home_events[self._home_turn]
-        event.record()
-        return home, event
 
     def _forward(self, b: int, fb) -> None:
         self.seq_lens[:b].copy_(self.lengths[:b])

@@ -282,7 +282,7 @@ class Engine:
         if fl is None:
             return
         if may_defer(self, rm, fl):
-            fl.keep(self.sampler(fl.logits, fl.seqs).tokens, rm.runner.graphs)
+            fl.keep(self.sampler(fl.logits, fl.seqs).tokens, rm.host_copies)
             if rm.policies:
                 fl.prepare(rm)
             rm.in_flight = fl

@@ -11,6 +11,7 @@ n+1; that row is marked stale and dropped (its KV slot is rewritten when the seq
 from __future__ import annotations
 
 import functools
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,12 +40,12 @@ class InFlight:
     stale: set[int] | None = None              # rows of a chained step whose input token did not stand
     plain: bool | None = None                  # decode rows only, each greedy without logprobs (see `may_defer`)
 
-    def keep(self, tokens: torch.Tensor, graphs) -> None:
+    def keep(self, tokens: torch.Tensor, copies: HostCopies) -> None:
         """Hold the step's sampled tokens; on CUDA queue their copy to the host now, ahead of the next step's
         work on the stream, so that reading them later waits for this step alone."""
         self.tokens = tokens
         if tokens.is_cuda:
-            self.host_tokens, self.ready = graphs.send_home(tokens)
+            self.host_tokens, self.ready = copies.send("tokens", tokens)
 
     def token_list(self) -> list[int]:
         if self.ready is None:
@@ -79,14 +80,14 @@ def _plain(seq: Sequence) -> bool:
 
 
 class HostCopies:
-    """Pinned host buffers for small per-step tensors (a policy's scores), two per key used in turn, as in
-    `DecodeGraphs.send_home`: at most two steps are in flight."""
+    """Pinned host buffers for small per-step tensors (sampled tokens, a policy's scores), two per key used
+    in turn: at most two steps are in flight, so a copy never overwrites one the host has not read."""
 
     def __init__(self):
-        self._buffers: dict[int, tuple[list[torch.Tensor], list[torch.cuda.Event]]] = {}
-        self._turn: dict[int, int] = {}
+        self._buffers: dict[Hashable, tuple[list[torch.Tensor], list[torch.cuda.Event]]] = {}
+        self._turn: dict[Hashable, int] = {}
 
-    def send(self, key: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    def send(self, key: Hashable, rows: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         if not rows.is_cuda:
             return rows, None
         bufs = self._buffers.get(key)
@@ -129,7 +130,7 @@ def chain(engine: Engine, rm: ResidentModel, fl: InFlight) -> InFlight | None:
         hidden = rm.runner.graphs.run_rows([(s.seq, s.seq.num_tokens) for s in fl.batch], device_ids=fl.tokens)
         logits = rm.runner.model.logits(hidden)
         nxt = InFlight(fl.batch, fl.sample_rows, hidden, logits, plain=True)   # one new token per row again
-        nxt.keep(logits.argmax(dim=-1), rm.runner.graphs)
+        nxt.keep(logits.argmax(dim=-1), rm.host_copies)
         if rm.policies:
             nxt.prepare(rm)
     return nxt
