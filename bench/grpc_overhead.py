@@ -16,6 +16,10 @@ stream waits per streamed message); `messages_per_s` = messages delivered throug
 second of wall time (bounded by the engine's step rate, which the in-process figure shows);
 `orchestrator_cpu_s_per_message` = the orchestrator's CPU time per message (its capacity: 1 / that; null
 when the run used under 50 ms of CPU, below /proc's 10 ms tick resolution).
+
+`floor_*`: the same streams served by a bare grpc.aio server process that only relays: every `step` (the
+in-process engine's step time) it yields one pre-serialized GenerateResponse to each open stream. Its CPU per
+message is what grpc.aio itself costs per streamed message on this machine, the floor under the orchestrator's.
 """
 from __future__ import annotations
 
@@ -71,6 +75,84 @@ async def over_grpc(address: str, n: int, rep: int, max_tokens: int) -> dict:
         wall = time.perf_counter() - t0
     assert all(tokens == max_tokens for _, tokens in got), got
     return {"wall_s": wall, "messages": sum(m for m, _ in got)}
+
+
+async def _floor_serve(ready, max_tokens: int, step_s: float) -> None:
+    import grpc
+
+    from tandem.v1 import orchestrator_pb2 as pb
+
+    message = pb.GenerateResponse(request_id="r-0123456789abcdef", chunk=pb.Chunk(
+        token_ids=[1234], text=" word", sources=["m"])).SerializeToString()
+    streams: set[asyncio.Queue] = set()
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(step_s)
+            for queue in list(streams):
+                queue.put_nowait(message)
+
+    async def generate(request: bytes, context):
+        queue: asyncio.Queue = asyncio.Queue()
+        streams.add(queue)
+        try:
+            for _ in range(max_tokens + 1):
+                yield await queue.get()
+        finally:
+            streams.discard(queue)
+
+    handler = grpc.method_handlers_generic_handler("floor.Floor", {
+        "Generate": grpc.unary_stream_rpc_method_handler(generate)})
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    ticker = asyncio.create_task(tick())
+    ready.put((os.getpid(), port))
+    await server.wait_for_termination()
+    ticker.cancel()
+
+
+def _floor_process(ready, max_tokens: int, step_s: float) -> None:
+    asyncio.run(_floor_serve(ready, max_tokens, step_s))
+
+
+async def _floor_client(port: int, n: int) -> int:
+    import grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_stream("/floor.Floor/Generate")
+
+        async def one() -> int:
+            return sum([1 async for _ in call(b"")])
+
+        return sum(await asyncio.gather(*(one() for _ in range(n))))
+
+
+def floor(n: int, max_tokens: int, step_s: float, reps: int) -> dict:
+    """grpc.aio's own cost per streamed message: a bare relay server at the engine's step rate."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Queue()
+    proc = ctx.Process(target=_floor_process, args=(ready, max_tokens, step_s), daemon=True)
+    proc.start()
+    try:
+        pid, port = ready.get(timeout=60)
+        asyncio.run(_floor_client(port, n))
+        cpu, walls, messages = [], [], 0
+        for _ in range(reps):
+            c0, t0 = cpu_seconds(pid), time.perf_counter()
+            messages = asyncio.run(_floor_client(port, n))
+            walls.append(time.perf_counter() - t0)
+            cpu.append(cpu_seconds(pid) - c0)
+    finally:
+        proc.kill()
+        proc.join()
+    c = statistics.median(cpu)
+    return {"floor_messages_per_s": round(messages / statistics.median(walls), 1),
+            "floor_cpu_s_per_message": round(c / messages, 7),
+            "floor_capacity_messages_per_s": round(messages / c, 1) if c >= 0.05 else None}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -132,6 +214,7 @@ def main() -> None:
                 "orchestrator_cpu_s_per_message": round(statistics.median(cpu) / msgs, 7),
                 "orchestrator_capacity_messages_per_s": (round(msgs / statistics.median(cpu), 1)
                                                          if statistics.median(cpu) >= 0.05 else None),
+                **floor(n, args.max_tokens, b / base[0]["steps"], args.reps),
             })
     print(json.dumps({
         "benchmark": "grpc_overhead", "model": name, "reps": args.reps, "torch_threads": 1,

@@ -134,6 +134,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         answer_ids: list[int] = []
         answer: list[str] = []
         last = None
+        inter_token = self.metrics.inter_token.labels(name)
         async with contextlib.aclosing(pipeline.run(run)) as events:
             async for event in events:
                 now = time.monotonic()
@@ -141,10 +142,11 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
                     if last is None:
                         self.metrics.ttft.labels(name).observe(now - arrival)
                     elif event.token_ids:
-                        self.metrics.inter_token.labels(name).observe((now - last) / len(event.token_ids))
+                        inter_token.observe((now - last) / len(event.token_ids))
                     last = now
-                    answer_ids += event.token_ids
-                    answer.append(event.text)
+                    if session is not None:
+                        answer_ids += event.token_ids
+                        answer.append(event.text)
                     yield pb.GenerateResponse(request_id=rid, chunk=event)
                 else:
                     event.timings.server_s = now - arrival

@@ -16,7 +16,8 @@ from typing import Callable
 import grpc
 
 from orchestrator.config import TandemConfig, WorkerEntry
-from orchestrator.errors import not_found, unavailable
+from orchestrator.errors import StatusError, not_found, unavailable
+from orchestrator.worker_link import WorkerLink
 from tandem.v1 import orchestrator_pb2 as pb
 from tandem.v1 import worker_pb2 as wpb
 from tandem.v1 import worker_pb2_grpc
@@ -38,7 +39,7 @@ class WorkerHandle:
     channel: grpc.aio.Channel | None = None
     stub: worker_pb2_grpc.WorkerStub | None = None
     infos: dict[str, pb.ModelInfo] = field(default_factory=dict)
-    calls: set = field(default_factory=set)
+    link: WorkerLink | None = None
     restarts: int = 0
     failures: int = 0
     last_load: pb.WorkerLoad | None = None
@@ -48,8 +49,22 @@ class WorkerHandle:
         return self.state == pb.WORKER_STATE_READY
 
     @property
+    def busy(self) -> int:
+        """Requests this orchestrator has in flight on the worker."""
+        return len(self.link) if self.link is not None else 0
+
+    @property
     def pid(self) -> int:
         return self.process.pid if self.process else (self.last_load.pid if self.last_load else 0)
+
+
+def worker_error(handle: WorkerHandle, e: grpc.aio.AioRpcError) -> StatusError:
+    """A failed worker call as the status the orchestrator's client sees."""
+    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and not handle.ready:
+        return unavailable(f"worker {handle.worker_id} is gone: {e.details()}")
+    if e.code() == grpc.StatusCode.UNAVAILABLE:
+        return unavailable(f"worker {handle.worker_id}: {e.details()}")
+    return StatusError(e.code(), e.details() or str(e.code()))
 
 
 class WorkerPool:
@@ -77,7 +92,7 @@ class WorkerPool:
         ready = [h for h in hosts if h.ready]
         if not ready:
             raise unavailable(f"no worker serving model {model!r} is ready")
-        return min(ready, key=lambda h: len(h.calls))
+        return min(ready, key=lambda h: h.busy)
 
     def model_ready(self, model: str) -> bool:
         return any(h.ready and model in h.models for h in self.handles.values())
@@ -159,11 +174,14 @@ class WorkerPool:
             handle.restarts += 1
 
     async def _connect(self, handle: WorkerHandle, address: str) -> None:
+        if handle.link is not None:
+            await handle.link.close()
         if handle.channel is not None:
             await handle.channel.close(grace=None)
         handle.address = address
         handle.channel = grpc.aio.insecure_channel(address, options=grpc_options(self.max_message_bytes))
         handle.stub = worker_pb2_grpc.WorkerStub(handle.channel)
+        handle.link = WorkerLink(handle.stub, lambda e: worker_error(handle, e))
         desc = await handle.stub.Describe(wpb.DescribeRequest(), timeout=10)
         handle.infos = {m.name: m for m in desc.models}
         handle.models = list(handle.infos)
@@ -175,8 +193,8 @@ class WorkerPool:
         if handle.state == pb.WORKER_STATE_UNAVAILABLE:
             return
         handle.state = pb.WORKER_STATE_UNAVAILABLE
-        for call in list(handle.calls):  # streams to a dead worker end now, not at a transport timeout
-            call.cancel()
+        if handle.link is not None:  # requests on a dead worker end now, not at a transport timeout
+            handle.link.fail(unavailable(f"worker {handle.worker_id} ({handle.address}) is gone: {why}"))
         log.warning("worker %s (%s) is unavailable: %s", handle.worker_id, handle.address, why)
         self.on_change()
 
@@ -242,5 +260,7 @@ class WorkerPool:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for handle in self.handles.values():
             handle.state = pb.WORKER_STATE_STOPPED
+            if handle.link is not None:
+                await handle.link.close()
             if handle.channel is not None:
                 await handle.channel.close(grace=None)

@@ -138,3 +138,62 @@ def test_an_abort_that_overtakes_its_request_still_aborts_it(tiny_path):
         assert await _tokens(again) == (_reference(tiny_path, prompt, 3), "length")   # the mark is used once
 
     asyncio.run(_with_worker(tiny_path, body))
+
+
+def test_connect_multiplexes_requests_one_message_per_step(tiny_path):
+    """Worker.Connect: requests submitted as commands, every engine step's steps for all of them in one
+    WorkerSteps, refusals as finished steps with a status code, abort as a command, and the stream's end
+    aborting what is still running."""
+    prompts = {f"m{i}": list(range(5 + i, 17 + i)) for i in range(3)}
+
+    async def body(s: worker_pb2_grpc.WorkerStub) -> None:
+        commands: asyncio.Queue = asyncio.Queue()
+
+        async def feed():
+            while (command := await commands.get()) is not None:
+                yield command
+
+        call = s.Connect(feed())
+        for rid, prompt in prompts.items():
+            commands.put_nowait(wpb.WorkerCommand(generate=wpb.WorkerGenerateRequest(
+                request_id=rid, prompt_token_ids=prompt, sampling=_greedy(6))))
+        commands.put_nowait(wpb.WorkerCommand(generate=wpb.WorkerGenerateRequest(request_id="", sampling=_greedy(2))))
+        commands.put_nowait(wpb.WorkerCommand(generate=wpb.WorkerGenerateRequest(
+            request_id="nomodel", model="nope", prompt_token_ids=[5], sampling=_greedy(2))))
+        commands.put_nowait(wpb.WorkerCommand(generate=wpb.WorkerGenerateRequest(
+            request_id="long", prompt_token_ids=list(range(30, 50)), sampling=_greedy(10_000))))
+        tokens: dict[str, list[int]] = {rid: [] for rid in [*prompts, "long"]}
+        ends: dict[str, wpb.WorkerStep] = {}
+        widest = 0
+        while len(ends) < len(prompts) + 3:
+            batch = await call.read()
+            assert batch is not grpc.aio.EOF
+            assert len({step.request_id for step in batch.steps}) == len(batch.steps)
+            widest = max(widest, len(batch.steps))
+            for step in batch.steps:
+                if step.request_id in tokens:
+                    tokens[step.request_id] += step.token_ids
+                if step.finished:
+                    ends[step.request_id] = step
+            if len(tokens["long"]) >= 3 and "long" not in ends:
+                commands.put_nowait(wpb.WorkerCommand(abort=pb.AbortRequest(request_ids=["long"])))
+        assert widest >= 3   # one message carried several requests' steps
+        for rid, prompt in prompts.items():
+            assert ends[rid].finish_reason == "length" and ends[rid].status_code == 0
+            assert tokens[rid] == _reference(tiny_path, prompt, 6)
+        assert ends[""].status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "request_id" in ends[""].error
+        assert ends["nomodel"].status_code == grpc.StatusCode.NOT_FOUND.value[0]
+        assert ends["long"].finish_reason == "abort" and len(tokens["long"]) < 10_000
+
+        commands.put_nowait(wpb.WorkerCommand(generate=wpb.WorkerGenerateRequest(
+            request_id="orphan", prompt_token_ids=list(range(60, 70)), sampling=_greedy(10_000))))
+        assert (await call.read()).steps[0].request_id == "orphan"
+        call.cancel()   # the orchestrator is gone: its open requests are aborted and their blocks freed
+        for _ in range(100):
+            load = await s.GetLoad(wpb.GetLoadRequest())
+            if load.in_flight == 0 and all(m.free_blocks == m.num_blocks for m in load.models):
+                break
+            await asyncio.sleep(0.05)
+        assert load.in_flight == 0 and all(m.free_blocks == m.num_blocks for m in load.models)
+
+    asyncio.run(_with_worker(tiny_path, body))

@@ -1,19 +1,24 @@
-"""The engine on its own thread: steps while there is work and fans StepOutputs out to asyncio queues."""
+"""The engine on its own thread: steps while there is work and fans StepOutputs out to their sinks."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from workers.engine import Engine, StepOutput
 
 log = logging.getLogger("tandem.worker")
 
 
+class Sink(Protocol):
+    def put_nowait(self, out: StepOutput) -> None: ...
+
+
 class EngineLoop:
-    """Owns the engine's thread. `open(rid)` gives the queue a request's StepOutputs arrive on."""
+    """Owns the engine's thread. `open(rid)` registers the sink a request's StepOutputs go to: its own asyncio
+    queue (a Generate call) or the Connection it was submitted on."""
 
     aborted_ttl_s = 10.0
     max_aborted = 1 << 16
@@ -21,7 +26,7 @@ class EngineLoop:
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop):
         self.engine = engine
         self.loop = loop
-        self.queues: dict[str, asyncio.Queue[StepOutput]] = {}
+        self.sinks: dict[str, Sink] = {}
         self._aborted: dict[str, float] = {}
         self.steps = 0
         self._wake = threading.Event()
@@ -50,7 +55,7 @@ class EngineLoop:
             except Exception as e:  # an engine bug must not take the worker down silently
                 log.exception("engine step failed")
                 outputs = [StepOutput(rid, "", finished=True, finish_reason="error", error=f"engine step failed: {e}")
-                           for rid in list(self.queues)]
+                           for rid in list(self.sinks)]
                 for out in outputs:
                     self.engine.abort(out.request_id)
             self.steps += 1
@@ -65,19 +70,20 @@ class EngineLoop:
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
-            queue = self.queues.get(out.request_id)
-            if queue is not None:
-                queue.put_nowait(out)
+            sink = self.sinks.get(out.request_id)
+            if sink is not None:
+                sink.put_nowait(out)
 
-    def open(self, request_id: str) -> asyncio.Queue[StepOutput] | None:
-        if request_id in self.queues:
+    def open(self, request_id: str, sink: Sink | None = None) -> Sink | None:
+        """Registers `sink` (default: a new asyncio.Queue) for the request; None when the id is in use."""
+        if request_id in self.sinks:
             return None
-        queue: asyncio.Queue[StepOutput] = asyncio.Queue()
-        self.queues[request_id] = queue
-        return queue
+        sink = asyncio.Queue() if sink is None else sink
+        self.sinks[request_id] = sink
+        return sink
 
     def close(self, request_id: str) -> None:
-        self.queues.pop(request_id, None)
+        self.sinks.pop(request_id, None)
 
     def mark_aborted(self, request_ids: list[str]) -> None:
         """Ids aborted while no stream had them open. An abort can overtake its own request (two RPCs on

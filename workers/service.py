@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tandem.errors import CapacityError, InvalidRequestError, ModelNotFoundError, TandemError
+from tandem.errors import InvalidRequestError, ModelNotFoundError, TandemError
 from tandem.v1 import orchestrator_pb2 as pb
 from tandem.v1 import worker_pb2 as wpb
 from tandem.v1 import worker_pb2_grpc
 from workers.chat import encode, turn_tokens
+from workers.connection import Connection
 from workers.convert import kv_from_proto, kv_to_proto, logprob_from_proto, sampling_from_proto, step_to_proto
 from workers.engine import Engine, Priority
 from workers.engine_loop import EngineLoop
@@ -27,16 +28,28 @@ T = TypeVar("T")
 SERVICE_NAME = "tandem.v1.Worker"
 
 
+def status_of(e: TandemError) -> grpc.StatusCode:
+    """The status code of Tandem's typed errors."""
+    if isinstance(e, InvalidRequestError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(e, ModelNotFoundError):
+        return grpc.StatusCode.NOT_FOUND
+    return grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
 async def _guard(context: grpc.aio.ServicerContext, coro: Awaitable[T]) -> T:
     """Map Tandem's typed errors onto status codes."""
     try:
         return await coro
-    except InvalidRequestError as e:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-    except ModelNotFoundError as e:
-        await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-    except (CapacityError, TandemError) as e:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+    except TandemError as e:
+        await context.abort(status_of(e), str(e))
     raise AssertionError("unreachable")
 
 
@@ -51,32 +64,78 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def Generate(self, request: wpb.WorkerGenerateRequest, context) -> AsyncIterator[wpb.WorkerStep]:
         rid = request.request_id
-        if not rid:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must be a non-empty string")
-        if self.loop.was_aborted(rid):
-            yield wpb.WorkerStep(request_id=rid, model=request.model, finished=True, finish_reason="abort")
-            return
-        queue = self.loop.open(rid)
-        if queue is None:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is already in use")
-        added = finished = False
+        queue: asyncio.Queue = asyncio.Queue()
         try:
-            needs = await _guard(context, self._add(request))
-            added = True
-            self.loop.wake()
-            if needs:
-                yield wpb.WorkerStep(request_id=rid, model=self.c2c.receiver.name, c2c_need=[
-                    wpb.C2CNeed(sharer=n.sharer, token_ids=n.token_ids, layers=n.layers) for n in needs])
-            while not finished:
-                out = await queue.get()
-                finished = out.finished
-                yield step_to_proto(out)
-        finally:
-            self.loop.close(rid)
-            if added and not finished:
-                await asyncio.shield(self.loop.abort(rid))
+            first = self._submit(request, queue)
+        except Refused as e:
+            await context.abort(e.code, e.message)
+        if first is not None:
+            yield first
+        if first is None or not first.finished:
+            finished = False
+            try:
+                while not finished:
+                    out = await queue.get()
+                    finished = out.finished
+                    yield step_to_proto(out)
+            finally:
+                self.loop.close(rid)
+                if not finished:
+                    await asyncio.shield(self.loop.abort(rid))
 
-    async def _add(self, request: wpb.WorkerGenerateRequest) -> list:
+    async def Connect(self, commands: AsyncIterator[wpb.WorkerCommand], context) -> AsyncIterator[wpb.WorkerSteps]:
+        conn = Connection(self.loop)
+        reader = asyncio.create_task(self._read_commands(commands, conn))
+        try:
+            async for batch in conn.batches():
+                yield batch
+        finally:
+            reader.cancel()
+            await asyncio.shield(conn.abort_open())
+
+    async def _read_commands(self, commands: AsyncIterator[wpb.WorkerCommand], conn: Connection) -> None:
+        try:
+            async for command in commands:
+                if command.HasField("generate"):
+                    request = command.generate
+                    try:
+                        first = self._submit(request, conn)
+                    except Refused as e:
+                        conn.refuse(request.request_id, e.code, e.message)
+                        continue
+                    if first is not None:
+                        conn.post(first)
+                    if first is None or not first.finished:
+                        conn.open.add(request.request_id)
+                elif command.HasField("abort"):
+                    self._abort(list(command.abort.request_ids))
+        except grpc.aio.AioRpcError:
+            pass  # the orchestrator went away; Connect aborts what is open
+        finally:
+            conn.end_commands()
+
+    def _submit(self, request: wpb.WorkerGenerateRequest, sink) -> wpb.WorkerStep | None:
+        """Adds the request with `sink` receiving its outputs; returns a step to send first (c2c's needs, or
+        the end of a request aborted before it came), else None. Raises Refused."""
+        rid = request.request_id
+        if not rid:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must be a non-empty string")
+        if self.loop.was_aborted(rid):
+            return wpb.WorkerStep(request_id=rid, model=request.model, finished=True, finish_reason="abort")
+        if self.loop.open(rid, sink) is None:
+            raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is already in use")
+        try:
+            needs = self._add(request)
+        except TandemError as e:
+            self.loop.close(rid)
+            raise Refused(status_of(e), str(e)) from None
+        self.loop.wake()
+        if not needs:
+            return None
+        return wpb.WorkerStep(request_id=rid, model=self.c2c.receiver.name, c2c_need=[
+            wpb.C2CNeed(sharer=n.sharer, token_ids=n.token_ids, layers=n.layers) for n in needs])
+
+    def _add(self, request: wpb.WorkerGenerateRequest) -> list:
         """Adds the request; returns what remote sharers must send (c2c), else nothing."""
         params = sampling_from_proto(request.sampling)
         prompt, priority = list(request.prompt_token_ids), Priority(int(request.priority))
@@ -163,12 +222,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return wpb.Ack()
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
-        live = [rid for rid in request.request_ids if rid in self.loop.queues]
-        self.loop.mark_aborted([rid for rid in request.request_ids if rid not in self.loop.queues])
-        for rid in request.request_ids:
-            self.engine.abort(rid)
+        live = self._abort(list(request.request_ids))
         await self.loop.abort("")
         return pb.AbortResponse(aborted=live)
+
+    def _abort(self, request_ids: list[str]) -> list[str]:
+        """Abort the live ones; mark the others, which an abort may have overtaken. Returns the live ones."""
+        live = [rid for rid in request_ids if rid in self.loop.sinks]
+        self.loop.mark_aborted([rid for rid in request_ids if rid not in self.loop.sinks])
+        for rid in request_ids:
+            self.engine.abort(rid)
+        self.loop.wake()
+        return live
 
     async def ExportKV(self, request: wpb.ExportKVRequest, context) -> wpb.KVData:
         def export():
@@ -196,7 +261,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def GetLoad(self, request: wpb.GetLoadRequest, context) -> pb.WorkerLoad:
         stats = await self.loop.run(self.engine.stats)
-        load = pb.WorkerLoad(pid=os.getpid(), in_flight=len(self.loop.queues), device=self.device,
+        load = pb.WorkerLoad(pid=os.getpid(), in_flight=len(self.loop.sinks), device=self.device,
                              state=pb.WORKER_STATE_READY)
         for name, s in stats.items():
             load.models.add(model=name, num_blocks=s["num_blocks"], free_blocks=s["free_blocks"],

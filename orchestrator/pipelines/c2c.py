@@ -74,20 +74,19 @@ class C2C(MultiWorkerPipeline):
         hosts = [h for h in self.pool.handles.values() if h.ready and self.config.receiver in h.models]
         if not hosts:
             return self.pool.pick(self.config.receiver)    # NOT_FOUND or UNAVAILABLE, naming the receiver
-        return min(hosts, key=lambda h: (-sum(s in h.models for s in sharers), len(h.calls)))
+        return min(hosts, key=lambda h: (-sum(s in h.models for s in sharers), h.busy))
 
     async def run(self, request: PipelineRequest) -> AsyncIterator[pb.Chunk | pb.Final]:
         rid, receiver = request.request_id, self.config.receiver
         handle = self.receiver_worker(request.params.sharers)
-        call = handle.stub.Generate(wpb.WorkerGenerateRequest(
+        submission = wpb.WorkerGenerateRequest(
             request_id=rid, model=receiver, prompt_token_ids=request.token_ids, sampling=request.sampling,
             priority=request.priority, c2c=wpb.C2CRoute(enabled=True, sharers=request.params.sharers, messages=[
-                pb.ChatMessage(role=m["role"], content=m["content"]) for m in request.messages or []])),
-            timeout=request.timeout)
+                pb.ChatMessage(role=m["role"], content=m["content"]) for m in request.messages or []]))
         self.active[rid] = [(handle, rid)]
         transfer: Transfer | None = None
         try:
-            async with contextlib.aclosing(relay(handle, call, repr(receiver))) as steps:
+            async with contextlib.aclosing(relay(handle, submission, request.timeout, repr(receiver))) as steps:
                 async for step in steps:
                     if step.c2c_need:
                         transfer = await feed_sharers(self, handle, request, list(step.c2c_need))

@@ -18,7 +18,8 @@ import grpc
 from c2c.colocated import runs
 from orchestrator.errors import StatusError
 from orchestrator.pipelines.base import PipelineRequest
-from orchestrator.pipelines.single import relay, worker_error
+from orchestrator.pipelines.single import relay
+from orchestrator.workers import worker_error
 from orchestrator.workers import WorkerHandle
 from tandem.errors import InvalidRequestError
 from tandem.v1 import orchestrator_pb2 as pb
@@ -77,11 +78,11 @@ async def _feed_one(pipeline: C2C, receiver: WorkerHandle, request: PipelineRequ
     srid, n = f"{rid}/sharer/{name}", len(need.token_ids)
     handle = pipeline.pool.pick(name)
     started = time.perf_counter()
-    call = handle.stub.Generate(wpb.WorkerGenerateRequest(
+    submission = wpb.WorkerGenerateRequest(
         request_id=srid, model=name, prompt_token_ids=need.token_ids, sampling=pb.SamplingParams(max_tokens=1),
-        priority=request.priority, prefill_only=True), timeout=request.timeout)
+        priority=request.priority, prefill_only=True)
     pipeline.active.setdefault(rid, []).append((handle, srid))
-    async with contextlib.aclosing(relay(handle, call, repr(name))) as steps:
+    async with contextlib.aclosing(relay(handle, submission, request.timeout, repr(name))) as steps:
         async for step in steps:
             if step.ready:
                 break

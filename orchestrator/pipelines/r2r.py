@@ -79,7 +79,7 @@ class R2R(MultiWorkerPipeline):
         """A ready worker hosting both models, least busy first; None when there is none."""
         both = [h for h in self.pool.handles.values()
                 if h.ready and self.config.slm in h.models and self.config.llm in h.models]
-        return min(both, key=lambda h: len(h.calls)) if both else None
+        return min(both, key=lambda h: h.busy) if both else None
 
     async def run(self, request: PipelineRequest) -> AsyncIterator[pb.Chunk | pb.Final]:
         handle = self.co_located()
@@ -94,12 +94,12 @@ class R2R(MultiWorkerPipeline):
     async def _run_co_located(self, handle: WorkerHandle,
                               request: PipelineRequest) -> AsyncIterator[pb.Chunk | pb.Final]:
         rid = request.request_id
-        call = handle.stub.Generate(wpb.WorkerGenerateRequest(
+        submission = wpb.WorkerGenerateRequest(
             request_id=rid, model=self.config.slm, prompt_token_ids=request.token_ids, sampling=request.sampling,
-            priority=request.priority, route=self.route(request.params)), timeout=request.timeout)
+            priority=request.priority, route=self.route(request.params))
         self.active[rid] = [(handle, rid)]
         what = f"{self.config.slm!r} and {self.config.llm!r}"
-        async with contextlib.aclosing(relay_events(handle, call, what)) as events:
+        async with contextlib.aclosing(relay_events(handle, submission, request.timeout, what)) as events:
             async for event in events:
                 yield event
 

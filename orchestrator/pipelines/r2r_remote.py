@@ -15,7 +15,8 @@ import grpc
 
 from orchestrator.errors import StatusError
 from orchestrator.pipelines.base import PipelineRequest
-from orchestrator.pipelines.single import chunk_of, final_of, relay, worker_error
+from orchestrator.pipelines.single import chunk_of, final_of, relay
+from orchestrator.workers import worker_error
 from orchestrator.workers import WorkerHandle
 from tandem.errors import InvalidRequestError
 from tandem.v1 import orchestrator_pb2 as pb
@@ -46,12 +47,11 @@ class LLMSide:
     async def propose(self, token_ids: list[int]) -> wpb.WorkerStep:
         started = time.perf_counter()
         if self.steps is None:
-            call = self.handle.stub.Generate(wpb.WorkerGenerateRequest(
+            submission = wpb.WorkerGenerateRequest(
                 request_id=self.request_id, model=self.model, prompt_token_ids=token_ids,
                 sampling=llm_sampling(self.request.sampling), priority=self.request.priority, propose_only=True,
-                vocab_limit=self.vocab_limit),
-                timeout=self.request.timeout)
-            self.steps = relay(self.handle, call, repr(self.model))
+                vocab_limit=self.vocab_limit)
+            self.steps = relay(self.handle, submission, self.request.timeout, repr(self.model))
         else:
             try:
                 await self.handle.stub.Extend(wpb.ExtendRequest(request_id=self.request_id, token_ids=token_ids,
@@ -114,13 +114,13 @@ async def run_disaggregated(pipeline: R2R, request: PipelineRequest) -> AsyncIte
     config, rid = pipeline.config, request.request_id
     slm, llm_handle = pipeline.pool.pick(config.slm), pipeline.pool.pick(config.llm)
     sampling = fit_llm_context(pipeline, request)
-    call = slm.stub.Generate(wpb.WorkerGenerateRequest(
+    submission = wpb.WorkerGenerateRequest(
         request_id=rid, model=config.slm, prompt_token_ids=request.token_ids, sampling=sampling,
-        priority=request.priority, route=pipeline.route(request.params)), timeout=request.timeout)
+        priority=request.priority, route=pipeline.route(request.params))
     llm = LLMSide(llm_handle, config.llm, request, pipeline.pool.model_info(config.slm).vocab_size)
     pipeline.active[rid] = [(slm, rid), (llm_handle, llm.request_id)]
     try:
-        async with contextlib.aclosing(relay(slm, call, repr(config.slm))) as steps:
+        async with contextlib.aclosing(relay(slm, submission, request.timeout, repr(config.slm))) as steps:
             async for step in steps:
                 if step.handoff:
                     await _hand_off(pipeline, slm, llm, step)

@@ -1,14 +1,13 @@
 """`single`: one model generates every token, in one worker."""
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import AsyncIterator
 
 import grpc
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.errors import StatusError, unavailable
+from orchestrator.errors import unavailable
 from orchestrator.pipelines.base import (
     FINISH_REASONS,
     Params,
@@ -46,12 +45,12 @@ class Single(Pipeline):
     async def run(self, request: PipelineRequest) -> AsyncIterator[pb.Chunk | pb.Final]:
         model = self.models(request.params)[0]
         handle = self.pool.pick(model)
-        call = handle.stub.Generate(wpb.WorkerGenerateRequest(
-            request_id=request.request_id, model=model, prompt_token_ids=request.token_ids,
-            sampling=request.sampling, priority=request.priority), timeout=request.timeout)
+        submission = wpb.WorkerGenerateRequest(request_id=request.request_id, model=model,
+                                               prompt_token_ids=request.token_ids, sampling=request.sampling,
+                                               priority=request.priority)
         self.active[request.request_id] = handle
         try:
-            async with contextlib.aclosing(relay_events(handle, call, repr(model))) as events:
+            async with contextlib.aclosing(relay_events(handle, submission, request.timeout, repr(model))) as events:
                 async for event in events:
                     yield event
         finally:
@@ -84,22 +83,20 @@ class MultiWorkerPipeline(Pipeline):
 
 
 async def abort_on(placed: list[tuple[WorkerHandle, str]]) -> bool:
-    """Abort each (worker, request id there); True when a ready worker took an abort."""
+    """Abort each (worker, request id there) over the worker's link, ordered after the request's submission;
+    True when a ready worker was told."""
     done = False
     for handle, request_id in placed:
-        if not handle.ready:
-            continue
-        try:
-            await handle.stub.Abort(pb.AbortRequest(request_ids=[request_id]), timeout=5)
+        if handle.ready and handle.link is not None:
+            handle.link.abort([request_id])
             done = True
-        except grpc.aio.AioRpcError:
-            pass
     return done
 
 
-async def relay_events(handle: WorkerHandle, call, what: str) -> AsyncIterator[pb.Chunk | pb.Final]:
-    """One worker Generate call as the pipeline's events: a Chunk per step with tokens, the Final."""
-    async with contextlib.aclosing(relay(handle, call, what)) as steps:
+async def relay_events(handle: WorkerHandle, request: wpb.WorkerGenerateRequest, timeout: float | None,
+                       what: str) -> AsyncIterator[pb.Chunk | pb.Final]:
+    """One request on a worker as the pipeline's events: a Chunk per step with tokens, the Final."""
+    async with contextlib.aclosing(relay(handle, request, timeout, what)) as steps:
         async for step in steps:
             if step.token_ids or step.text:
                 yield chunk_of(step)
@@ -107,30 +104,19 @@ async def relay_events(handle: WorkerHandle, call, what: str) -> AsyncIterator[p
                 yield final_of(step)
 
 
-async def relay(handle: WorkerHandle, call, what: str) -> AsyncIterator[wpb.WorkerStep]:
-    """The steps of one worker Generate call, its errors mapped to statuses; the call is cancelled
-    (which aborts the request on the worker) when the relay is closed before the final step."""
-    handle.calls.add(call)
-    finished = False
-    try:
-        async for step in call:
-            finished = finished or step.finished
-            yield step
-    except grpc.aio.AioRpcError as e:
-        raise worker_error(handle, e) from None
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if not handle.ready and not (task and task.cancelling()):
-            raise unavailable(f"worker {handle.worker_id} serving {what} is gone") from None
-        raise
-    finally:
-        handle.calls.discard(call)
-        if not finished:
-            call.cancel()
+def relay(handle: WorkerHandle, request: wpb.WorkerGenerateRequest, timeout: float | None,
+          what: str) -> AsyncIterator[wpb.WorkerStep]:
+    """The steps of one request run on a worker (over its link), errors as statuses; closing them before the
+    final step aborts the request there."""
+    if handle.link is None or not handle.ready:
+        raise unavailable(f"worker {handle.worker_id} serving {what} is not ready")
+    return handle.link.steps(request, timeout)
 
 
 def chunk_of(step: wpb.WorkerStep) -> pb.Chunk:
-    return pb.Chunk(token_ids=step.token_ids, text=step.text, sources=step.sources, logprobs=step.logprobs)
+    if step.logprobs:
+        return pb.Chunk(token_ids=step.token_ids, text=step.text, sources=step.sources, logprobs=step.logprobs)
+    return pb.Chunk(token_ids=step.token_ids, text=step.text, sources=step.sources)
 
 
 def final_of(step: wpb.WorkerStep) -> pb.Final:
@@ -139,11 +125,3 @@ def final_of(step: wpb.WorkerStep) -> pb.Final:
     if step.error:
         final.error.CopyFrom(pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message=step.error))
     return final
-
-
-def worker_error(handle: WorkerHandle, e: grpc.aio.AioRpcError) -> StatusError:
-    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) and not handle.ready:
-        return unavailable(f"worker {handle.worker_id} is gone: {e.details()}")
-    if e.code() == grpc.StatusCode.UNAVAILABLE:
-        return unavailable(f"worker {handle.worker_id}: {e.details()}")
-    return StatusError(e.code(), e.details() or str(e.code()))

@@ -13,14 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from c2c.t2t import answer_messages, context_messages
 from orchestrator.errors import StatusError
 from orchestrator.pipelines.base import Params, PipelineRequest, check_hosted
-from orchestrator.pipelines.single import (
-    MultiWorkerPipeline,
-    chunk_of,
-    final_of,
-    relay,
-    worker_error,
-)
-from orchestrator.workers import WorkerHandle
+from orchestrator.pipelines.single import MultiWorkerPipeline, chunk_of, final_of, relay
+from orchestrator.workers import WorkerHandle, worker_error
 from tandem.errors import InvalidRequestError
 from tandem.v1 import orchestrator_pb2 as pb
 from tandem.v1 import worker_pb2 as wpb
@@ -107,11 +101,10 @@ class T2T(MultiWorkerPipeline):
             if rid in self.aborted:
                 yield pb.Final(finish_reason=pb.FINISH_REASON_ABORT)
                 return
-            call = handle.stub.Generate(wpb.WorkerGenerateRequest(
-                request_id=rid, model=cfg.receiver, prompt_token_ids=ids, sampling=request.sampling,
-                priority=request.priority), timeout=request.timeout)
+            submission = wpb.WorkerGenerateRequest(request_id=rid, model=cfg.receiver, prompt_token_ids=ids,
+                                                   sampling=request.sampling, priority=request.priority)
             self.active[rid] = [(handle, rid)]
-            async with contextlib.aclosing(relay(handle, call, repr(cfg.receiver))) as steps:
+            async with contextlib.aclosing(relay(handle, submission, request.timeout, repr(cfg.receiver))) as steps:
                 async for step in steps:
                     if step.token_ids or step.text:
                         yield chunk_of(step)
@@ -128,13 +121,12 @@ class T2T(MultiWorkerPipeline):
         handle = self.pool.pick(sharer)
         ids = await _tokenize(handle, sharer, context_messages(question))
         srid = f"{rid}/sharer"
-        call = handle.stub.Generate(wpb.WorkerGenerateRequest(
+        submission = wpb.WorkerGenerateRequest(
             request_id=srid, model=sharer, prompt_token_ids=ids, priority=request.priority,
-            sampling=pb.SamplingParams(max_tokens=request.params.context_tokens, temperature=0)),
-            timeout=request.timeout)
+            sampling=pb.SamplingParams(max_tokens=request.params.context_tokens, temperature=0))
         self.active[rid] = [(handle, srid)]
         texts, tokens = [], 0
-        async with contextlib.aclosing(relay(handle, call, repr(sharer))) as steps:
+        async with contextlib.aclosing(relay(handle, submission, request.timeout, repr(sharer))) as steps:
             async for step in steps:
                 texts.append(step.text)
                 tokens += len(step.token_ids)
