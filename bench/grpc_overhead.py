@@ -9,11 +9,16 @@ greedy, ignore_eos, every stream `max_tokens` tokens, one engine thread.
 
 - in process: `Engine.add_request` x N, then `step()` until done (one StepOutput per request per step);
 - over gRPC: N concurrent `Generate` streams from one asyncio client (tandem.AsyncClient) to one
-  orchestrator process, which streams from one worker process (one message per request per step).
+  orchestrator process, which runs them on one worker process over one Connect stream (one message per
+  engine step for all of them) and streams one message per request per step to the client.
 
 Figures: `added_ms_per_message` = (gRPC wall - in-process wall) / messages per stream (the extra time a
-stream waits per streamed message); `messages_per_s` = messages delivered through the orchestrator per
-second of wall time (bounded by the engine's step rate, which the in-process figure shows);
+stream waits per streamed message; it carries the difference between the worker's engine and the in-process
+one, which on an idle many-core host varies by +-0.3 ms per step between processes);
+`stream_gap_over_engine_ms` = the mean gap between a stream's messages at the client minus the engine's
+own time per token reported in its Final (both over first to last token), same run; median over streams
+(what the serving path adds to each message's interval); `messages_per_s` = messages delivered through the
+orchestrator per second of wall time (bounded by the engine's step rate, which the in-process figure shows);
 `orchestrator_cpu_s_per_message` = the orchestrator's CPU time per message (its capacity: 1 / that; null
 when the run used under 50 ms of CPU, below /proc's 10 ms tick resolution).
 
@@ -62,19 +67,20 @@ async def over_grpc(address: str, n: int, rep: int, max_tokens: int) -> dict:
     from tandem import AsyncClient
 
     async with AsyncClient(address, timeout=600) as client:
-        async def one(p: list[int]) -> tuple[int, int]:
+        async def one(p: list[int]) -> tuple[int, int, float]:
             stream = await client.generate(token_ids=p, max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
                                            stream=True)
-            count = 0
-            async for _ in stream:
-                count += 1
-            return count + 1, len(stream.result.token_ids)  # chunks + the final message
+            arrivals = [time.perf_counter() async for _ in stream]
+            gap = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1) if len(arrivals) > 2 else 0.0
+            # the client's gap between messages beside the engine's own time per token, in the same run
+            return len(arrivals) + 1, len(stream.result.token_ids), gap - stream.result.timings.per_token_s
 
         t0 = time.perf_counter()
         got = await asyncio.gather(*(one(p) for p in prompts(n, rep)))
         wall = time.perf_counter() - t0
-    assert all(tokens == max_tokens for _, tokens in got), got
-    return {"wall_s": wall, "messages": sum(m for m, _ in got)}
+    assert all(tokens == max_tokens for _, tokens, _ in got), got
+    return {"wall_s": wall, "messages": sum(m for m, _, _ in got),
+            "gap_over_engine_s": statistics.median(g for _, _, g in got)}
 
 
 async def _floor_serve(ready, max_tokens: int, step_s: float) -> None:
@@ -208,6 +214,7 @@ def main() -> None:
                 "in_process_wall_s": round(b, 4), "grpc_wall_s": round(g, 4), "ratio": round(g / b, 3),
                 "messages": msgs, "in_process_messages": base[0]["messages"],
                 "added_ms_per_message": round((g - b) / per_stream * 1e3, 4),
+                "stream_gap_over_engine_ms": round(statistics.median(r["gap_over_engine_s"] for r in grpc_runs) * 1e3, 4),
                 "in_process_ms_per_step": round(b / base[0]["steps"] * 1e3, 4),
                 "messages_per_s": round(msgs / g, 1),
                 "in_process_messages_per_s": round(base[0]["messages"] / b, 1),
