@@ -1,7 +1,10 @@
 """Batch-1 linear layers at the Qwen2.5 shapes: the Triton GEMV (`kernels/triton_gemv.py`) over a sweep of
 tile configurations, beside cuBLAS (`F.linear`) in the same run. Bandwidth = weight bytes / time.
+Then the fused variants beside the launches they replace, each over the same sweep: `norm_gemv` for qkv
+against `add_rmsnorm` + `gemv`; for gate_up, with the gated epilogue, against `add_rmsnorm` + `gemv` +
+`act_mul`, and the gated `gemv` alone against `gemv` + `act_mul`.
 
-    python bench/gemv_gpu.py [--out DIR]
+    python bench/gemv_gpu.py [--out DIR] [--fused-only]
 """
 from __future__ import annotations
 
@@ -50,9 +53,10 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
+    ap.add_argument("--fused-only", action="store_true")
     args = ap.parse_args()
     rows = []
-    for shape, layers in SHAPES.items():
+    for shape, layers in SHAPES.items() if not args.fused_only else ():
         for n, k in layers:
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
             b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
@@ -75,9 +79,51 @@ def main() -> None:
                    "top5": sorted(((round(v, 2), c) for c, v in sweep.items()))[:5]}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    fused = fused_rows()
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "gemv.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+        (Path(args.out) / "gemv.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows,
+                                                              "fused": fused}, indent=1))
+
+
+def fused_rows() -> list[dict]:
+    from kernels.triton_act import act_mul
+    from kernels.triton_gemv import config_for, gemv, norm_gemv
+    from kernels.triton_norm_rope import add_rmsnorm
+
+    rows = []
+    for shape, (qkv, _, gate_up, _) in SHAPES.items():
+        for layer, (n, k), norm, act in (("qkv", qkv, True, None), ("gate_up", gate_up, True, "silu"),
+                                         ("gate_up", gate_up, False, "silu")):
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            x, res, nw = (torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
+            def pair():
+                h = add_rmsnorm(x, res, nw, 1e-6)[0] if norm else x
+                y = gemv(h, w)
+                return act_mul(y, act) if act else y
+
+            def one(cfg=None):
+                if norm:
+                    return norm_gemv(x, res, nw, 1e-6, False, w, config=cfg, gated=act)[0]
+                return gemv(x, w, config=cfg, gated=act)
+
+            err = (one().float() - pair().float()).abs().max().item()
+            sweep = {}
+            for cfg in CONFIGS:
+                try:
+                    sweep[cfg] = us(lambda: one(cfg))
+                except Exception:
+                    continue
+            best = min(sweep, key=sweep.get)
+            row = {"shape": shape, "layer": layer, "prologue": "norm" if norm else None, "epilogue": act,
+                   "N": n, "K": k, "unfused_us": round(us(pair), 2), "gemv_alone_us": round(us(lambda: gemv(x, w)), 2),
+                   "fused_default_us": round(us(one), 2), "default_config": config_for(n, k, norm),
+                   "fused_best_us": round(sweep[best], 2), "best_config": best, "max_abs_err_vs_unfused": err,
+                   "top5": sorted(((round(v, 2), c) for c, v in sweep.items()))[:5]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
 
 
 if __name__ == "__main__":

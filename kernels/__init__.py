@@ -8,7 +8,7 @@ from kernels import reference
 from kernels.metadata import AttentionMetadata, build_metadata
 
 __all__ = ["AttentionMetadata", "build_metadata", "paged_attention", "store_kv", "add_rmsnorm", "rotary_",
-           "rope_store_kv", "act_mul", "linear"]
+           "rope_store_kv", "act_mul", "linear", "norm_linear", "gated_linear"]
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -69,10 +69,41 @@ def act_mul(gate_up, activation: str):
     return reference.act_mul_ref(gate_up, activation)
 
 
+def _one_half_row(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
+
+
 def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
     """`layer(x)`; a single half-precision row on CUDA (the batch-1 decode step) takes the Triton GEMV."""
-    if x.is_cuda and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16):
+    if _one_half_row(x):
         from kernels.triton_gemv import gemv
 
         return gemv(x, layer.weight, layer.bias)
     return layer(x)
+
+
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                offset: bool, layer: torch.nn.Linear, act: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(layer(norm(x + residual)), x + residual)`, with `act` then `act_mul` on the result. For a single
+    half-precision row on CUDA, the norm runs inside the projection's kernel where that pays. The residual
+    is not updated in place there; use the one returned."""
+    if _one_half_row(x) and act is None:
+        from kernels.triton_gemv import norm_gemv, prologue_pays
+
+        if prologue_pays(*layer.weight.shape):
+            return norm_gemv(x, residual, norm_weight, eps, offset, layer.weight, layer.bias)
+    h, residual = add_rmsnorm(x, residual, norm_weight, eps, offset)
+    return gated_linear(h, layer, act), residual
+
+
+def gated_linear(x: torch.Tensor, layer: torch.nn.Linear, act: str | None) -> torch.Tensor:
+    """`act_mul(layer(x), act)` (just `layer(x)` without `act`); one launch for a single half-precision row
+    on CUDA where that pays."""
+    if act is None:
+        return linear(x, layer)
+    if _one_half_row(x) and layer.bias is None:
+        from kernels.triton_gemv import epilogue_pays, gemv
+
+        if epilogue_pays(x.shape[-1]):
+            return gemv(x, layer.weight, gated=act)
+    return act_mul(linear(x, layer), act)

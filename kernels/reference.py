@@ -164,10 +164,10 @@ def rope_store_kv_ref(q, k, v, cos, sin, positions, k_cache, v_cache, slots) -> 
     store_kv_ref(k_cache, v_cache, k, v, slots)
 
 
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
+
+
 def act_mul_ref(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     """Oracle of `triton_act.act_mul`."""
-    import torch.nn.functional as F
-
     gate, up = gate_up.chunk(2, dim=-1)
-    act = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}[activation]
-    return act(gate) * up
+    return ACTIVATIONS[activation](gate) * up

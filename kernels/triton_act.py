@@ -13,18 +13,23 @@ def _act_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n, ACT: tl.constexpr, BL
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = c < n
-    g = tl.load(x_ptr + t * stride_x + c, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(x_ptr + t * stride_x + c, mask=mask, other=0.0)
     u = tl.load(x_ptr + t * stride_x + n + c, mask=mask, other=0.0)
+    tl.store(out_ptr + t * stride_o + c, act_times(g, u, ACT).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def act_times(g, u, ACT: tl.constexpr):
+    """`act(g) * u` in fp32, act(g) rounded to the input dtype before the product, as the unfused torch ops do."""
+    gf = g.to(tl.float32)
     if ACT == 0:
-        a = g / (1.0 + tl.exp(-g))
+        a = gf / (1.0 + tl.exp(-gf))
     elif ACT == 1:
-        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        a = g / (1.0 + tl.exp(-2.0 * inner))          # 0.5 g (1 + tanh(inner))
+        inner = 0.7978845608028654 * (gf + 0.044715 * gf * gf * gf)
+        a = gf / (1.0 + tl.exp(-2.0 * inner))          # 0.5 g (1 + tanh(inner))
     else:
-        a = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
-    # Rounded to the input dtype before the product, as the unfused torch ops do.
-    a = a.to(u.dtype).to(tl.float32)
-    tl.store(out_ptr + t * stride_o + c, (a * u.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+        a = 0.5 * gf * (1.0 + tl.erf(gf * 0.7071067811865476))
+    return a.to(u.dtype).to(tl.float32) * u.to(tl.float32)
 
 
 def act_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:

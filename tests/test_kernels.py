@@ -217,3 +217,39 @@ def test_gemv_is_linear(dtype, n, k, bias):
     got = gemv(x, w, b)
     want = torch.nn.functional.linear(x.float(), w.float(), b.float() if bias else None)
     torch.testing.assert_close(got.float(), want, atol=TOL[dtype] * 10, rtol=TOL[dtype] * 10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,k,bias,offset,with_residual", [(37, 96, True, False, True), (37, 96, False, True, False),
+                                                           (300, 1100, False, False, True), (4100, 896, True, True, True)])
+def test_norm_gemv_is_add_rmsnorm_then_linear(dtype, n, k, bias, offset, with_residual):
+    from kernels.triton_gemv import norm_gemv
+
+    w = (torch.randn(n, k) / k**0.5).to(dtype).to(DEV)
+    b = torch.randn(n).to(dtype).to(DEV) if bias else None
+    nw = (1 + 0.1 * torch.randn(k)).to(dtype).to(DEV)
+    x = torch.randn(1, k).to(dtype).to(DEV)
+    res = torch.randn(1, k).to(dtype).to(DEV) if with_residual else None
+    res_before = res.clone() if with_residual else None
+    got, got_res = norm_gemv(x, res, nw, 1e-6, offset, w, b)
+    h, want_res = ref.add_rmsnorm_ref(x.clone(), res.clone() if with_residual else None, nw, 1e-6, offset)
+    want = torch.nn.functional.linear(h.float(), w.float(), b.float() if bias else None)
+    torch.testing.assert_close(got.float(), want, atol=TOL[dtype] * 10, rtol=TOL[dtype] * 10)
+    torch.testing.assert_close(got_res, want_res)
+    if with_residual:
+        assert torch.equal(res, res_before)                      # read only: other programs still read it
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation,n,k,norm", [(a, 37, 96, False) for a in ACTS] + [("silu", 700, 1100, True)])
+def test_gated_gemv_is_linear_then_act_mul(dtype, activation, n, k, norm):
+    from kernels.triton_gemv import gemv, norm_gemv
+
+    w = (torch.randn(2 * n, k) / k**0.5).to(dtype).to(DEV)
+    x = torch.randn(1, k).to(dtype).to(DEV)
+    nw = (1 + 0.1 * torch.randn(k)).to(dtype).to(DEV)
+    got = norm_gemv(x, None, nw, 1e-6, False, w, gated=activation)[0] if norm else gemv(x, w, gated=activation)
+    h = ref.add_rmsnorm_ref(x.clone(), None, nw, 1e-6)[0] if norm else x
+    want = ref.act_mul_ref(torch.nn.functional.linear(h.float(), w.float()).to(dtype), activation)
+    assert got.shape == (1, n)
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype] * 10, rtol=TOL[dtype] * 10)

@@ -54,8 +54,12 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = kernels.linear(x, self.qkv_proj).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.attend(kernels.linear(x, self.qkv_proj), batch)
+
+    def attend(self, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """From the fused q/k/v projection of the step's tokens to the output projection."""
+        t = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -88,10 +92,10 @@ class DecoderLayer(nn.Module):
             h = self.self_attn(self.input_layernorm(x, residual)[0], batch)
             h, x = self.pre_feedforward_layernorm(self.post_attention_layernorm(h)[0], residual if residual is not None else x)
             return self.post_feedforward_layernorm(self.mlp(h))[0], x
-        h, residual = self.input_layernorm(x, residual) if residual is not None else (self.input_layernorm(x)[0], x)
-        h = self.self_attn(h, batch)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        qkv, residual = self.input_layernorm.linear(x, residual, self.self_attn.qkv_proj)
+        h = self.self_attn.attend(qkv, batch)
+        gated, residual = self.post_attention_layernorm.linear(h, residual, self.mlp.gate_up_proj, self.mlp.activation)
+        return self.mlp.down(gated), residual
 
 
 class DecoderModel(nn.Module):

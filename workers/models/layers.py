@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kernels
@@ -21,6 +20,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return kernels.add_rmsnorm(x, residual, self.weight, self.eps, self.offset)
 
+    def linear(self, x: torch.Tensor, residual: torch.Tensor | None, layer: nn.Linear,
+               act: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(layer(norm(x + residual)), x + residual)`, then `act(gate) * up` with `act`; fused where
+        `kernels.norm_linear` can."""
+        return kernels.norm_linear(x, residual, self.weight, self.eps, self.offset, layer, act)
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x `[T, heads, d]`, cos/sin `[T, d]` already in x's dtype."""
@@ -29,25 +34,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
-ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-}
-
-
 class GatedMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, activation: str):
         super().__init__()
         self.intermediate = intermediate
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        if activation not in kernels.reference.ACTIVATIONS:
+            raise ValueError(f"unsupported activation {activation!r}; known: {sorted(kernels.reference.ACTIVATIONS)}")
         self.activation = activation
-        self.act = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = kernels.linear(x, self.gate_up_proj)
-        if gate_up.is_cuda:
-            return kernels.linear(kernels.act_mul(gate_up, self.activation), self.down_proj)
-        gate, up = gate_up.split(self.intermediate, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return self.down(kernels.gated_linear(x, self.gate_up_proj, self.activation))
+
+    def down(self, gated: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(gated, self.down_proj)
