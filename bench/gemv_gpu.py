@@ -4,7 +4,10 @@ Then the fused variants beside the launches they replace, each over the same swe
 against `add_rmsnorm` + `gemv`; for gate_up, with the gated epilogue, against `add_rmsnorm` + `gemv` +
 `act_mul`, and the gated `gemv` alone against `gemv` + `act_mul`.
 
-    python bench/gemv_gpu.py [--out DIR] [--fused-only]
+With `--cold`, a shape's four batch-1 projections as the decode step runs them (fused where it fuses them),
+each weight read once per call from HBM (enough copies to overflow the L2), over a smaller sweep.
+
+    python bench/gemv_gpu.py [--out DIR] [--fused-only] [--cold [--cold-shapes qwen2.5-0.5b,...]]
 """
 from __future__ import annotations
 
@@ -54,7 +57,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--fused-only", action="store_true")
+    ap.add_argument("--cold", action="store_true")
+    ap.add_argument("--cold-shapes", default="qwen2.5-0.5b")
     args = ap.parse_args()
+    if args.cold:
+        rows = cold_rows(args.cold_shapes.split(","))
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "gemv_cold.json").write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                                                       "rows": rows}, indent=1))
+        return
     rows = []
     for shape, layers in SHAPES.items() if not args.fused_only else ():
         for n, k in layers:
@@ -84,6 +96,47 @@ def main() -> None:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "gemv.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows,
                                                               "fused": fused}, indent=1))
+
+
+def cold_rows(shapes: list[str]) -> list[dict]:
+    from kernels.triton_gemv import config_for, epilogue_pays, gemv, norm_gemv, prologue_pays
+
+    rows = []
+    for shape, layer, (n, k), norm, act in (
+            (shape, layer, nk, norm and prologue_pays(*nk), act if epilogue_pays(nk[1]) else None)
+            for shape in shapes
+            for layer, nk, norm, act in zip(("qkv", "o", "gate_up", "down"), SHAPES[shape],
+                                            (True, False, False, False), (None, None, "silu", None))):
+        copies = max(2, (256 << 20) // (n * k * 2))
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        x, res, nw = (torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
+        def chain(cfg=None):
+            for w in ws:
+                if norm:
+                    norm_gemv(x, res, nw, 1e-6, False, w, config=cfg)
+                else:
+                    gemv(x, w, config=cfg, gated=act)
+
+        def per_call(cfg=None) -> float:
+            return us(lambda: chain(cfg), reps=40) / copies
+
+        sweep = {}
+        for cfg in [(bn, bk, w) for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for w in (2, 4)]:
+            try:
+                sweep[cfg] = per_call(cfg)
+            except Exception:
+                continue
+        best = min(sweep, key=sweep.get)
+        default = per_call()
+        gb = n * k * 2 / 1e9
+        row = {"shape": shape, "layer": layer, "prologue": "norm" if norm else None, "epilogue": act, "N": n, "K": k, "copies": copies, "default_config": config_for(n * (2 if act else 1), k, norm),
+               "default_us": round(default, 2), "default_TBs": round(gb / default * 1e3, 2), "best_config": best,
+               "best_us": round(sweep[best], 2), "best_TBs": round(gb / sweep[best] * 1e3, 2),
+               "top5": sorted(((round(v, 2), c) for c, v in sweep.items()))[:5]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def fused_rows() -> list[dict]:

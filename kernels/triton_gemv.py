@@ -21,40 +21,49 @@ def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, K,
                  NORM: tl.constexpr, HAS_RES: tl.constexpr, OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = w_ptr + n[:, None].to(tl.int64) * stride_w
+    k = tl.arange(0, BLOCK_K)
+    # Software-pipelined over K: the next weight tiles are requested before this tile's product.
+    w = tl.load(rows + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
+    if ACT >= 0:
+        w_up = tl.load(rows + N * stride_w + k[None, :], mask=(n[:, None] < N) & (k[None, :] < K), other=0.0)
     if NORM:
         written = tl.where(pid == 0, K, 0)
         squares = tl.zeros((BLOCK_K,), tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            s = tl.load(x_ptr + k, mask=k < K, other=0.0)
+            kk = k0 + k
+            s = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
             if HAS_RES:
-                s = s + tl.load(res_ptr + k, mask=k < K, other=0.0)
-                tl.store(res_out_ptr + k, s, mask=k < written)
+                s = s + tl.load(res_ptr + kk, mask=kk < K, other=0.0)
+                tl.store(res_out_ptr + kk, s, mask=kk < written)
             sf = s.to(tl.float32)
             squares += sf * sf
         rstd = tl.rsqrt(tl.sum(squares, 0) / K + eps)
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = w_ptr + n[:, None].to(tl.int64) * stride_w
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     if ACT >= 0:
         acc_up = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + k, mask=k < K, other=0.0)
+        kk = k0 + k
+        x = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
         if NORM:
             if HAS_RES:
-                x = x + tl.load(res_ptr + k, mask=k < K, other=0.0)
+                x = x + tl.load(res_ptr + kk, mask=kk < K, other=0.0)
             normed = x.to(tl.float32) * rstd
-            nw = tl.load(nw_ptr + k, mask=k < K, other=0.0)
+            nw = tl.load(nw_ptr + kk, mask=kk < K, other=0.0)
             if OFFSET:
                 x = (normed * (1.0 + nw.to(tl.float32))).to(x.dtype)
             else:
                 x = nw * normed.to(x.dtype)
         x = x.to(tl.float32)[None, :]
-        mask = (n[:, None] < N) & (k[None, :] < K)
-        acc += tl.load(rows + k[None, :], mask=mask, other=0.0).to(tl.float32) * x
+        acc += w.to(tl.float32) * x
         if ACT >= 0:
-            acc_up += tl.load(rows + N * stride_w + k[None, :], mask=mask, other=0.0).to(tl.float32) * x
+            acc_up += w_up.to(tl.float32) * x
+        nxt = kk + BLOCK_K
+        mask = (n[:, None] < N) & (nxt[None, :] < K)
+        w = tl.load(rows + nxt[None, :], mask=mask, other=0.0)
+        if ACT >= 0:
+            w_up = tl.load(rows + N * stride_w + nxt[None, :], mask=mask, other=0.0)
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)
@@ -65,14 +74,12 @@ def _gemv_kernel(x_ptr, res_ptr, res_out_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, N, K,
 
 
 def config_for(rows: int, k: int, norm: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for `rows` weight rows (2I when gated), from sweeps on an H100
-    (bench/gemv_gpu.py): two rows per program for most shapes; wide-and-short weights (a small model's
-    gate_up) prefer wider, shallower tiles; with the norm prologue, four rows share its cost."""
+    """(BLOCK_N, BLOCK_K, num_warps) for `rows` weight rows (2I when gated), from sweeps on an H100 with the
+    weights cold in HBM, as the decode step reads them (`bench/gemv_gpu.py --cold`): deep tiles, so that
+    each program has its whole row slice in flight at once; four rows share the norm prologue's cost."""
     if norm:
-        return 4, 512, 4
-    if k <= 1024 and rows >= 4096:
-        return 16, 128, 8
-    return 2, 512, 2
+        return 4, 1024, 4
+    return 2, 1024, 2 if k <= 1024 else 4
 
 
 def prologue_pays(n: int, k: int) -> bool:
