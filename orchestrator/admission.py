@@ -7,7 +7,7 @@ from typing import AsyncIterator
 
 import grpc
 
-from orchestrator.errors import StatusError
+from tandem.status import StatusError
 
 
 class Admission:

@@ -12,7 +12,7 @@ import grpc
 
 from orchestrator.admission import Admission
 from orchestrator.config import TandemConfig
-from orchestrator.errors import StatusError, not_found
+from tandem.status import StatusError, not_found
 from orchestrator.metrics import Metrics
 from orchestrator.pipelines import REGISTRY, Pipeline, PipelineRequest
 from orchestrator.sessions import Session, SessionStore

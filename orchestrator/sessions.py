@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from orchestrator.errors import StatusError, not_found
+from tandem.status import StatusError, not_found
 from orchestrator.pipelines import Params
 from tandem.v1 import orchestrator_pb2 as pb
 

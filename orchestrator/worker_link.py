@@ -7,7 +7,7 @@ from typing import AsyncIterator, Callable
 
 import grpc
 
-from orchestrator.errors import StatusError
+from tandem.status import StatusError
 from tandem.v1 import orchestrator_pb2 as pb
 from tandem.v1 import worker_pb2 as wpb
 from tandem.v1 import worker_pb2_grpc

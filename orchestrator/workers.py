@@ -16,7 +16,7 @@ from typing import Callable
 import grpc
 
 from orchestrator.config import TandemConfig, WorkerEntry
-from orchestrator.errors import StatusError, not_found, unavailable
+from tandem.status import StatusError, not_found, unavailable
 from orchestrator.worker_link import WorkerLink
 from tandem.v1 import orchestrator_pb2 as pb
 from tandem.v1 import worker_pb2 as wpb

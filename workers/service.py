@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tandem.errors import InvalidRequestError, ModelNotFoundError, TandemError
+from tandem.errors import InvalidRequestError, TandemError
+from tandem.status import StatusError, status_of
 from tandem.v1 import orchestrator_pb2 as pb
 from tandem.v1 import worker_pb2 as wpb
 from tandem.v1 import worker_pb2_grpc
@@ -26,22 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("tandem.worker")
 T = TypeVar("T")
 SERVICE_NAME = "tandem.v1.Worker"
-
-
-def status_of(e: TandemError) -> grpc.StatusCode:
-    """The status code of Tandem's typed errors."""
-    if isinstance(e, InvalidRequestError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(e, ModelNotFoundError):
-        return grpc.StatusCode.NOT_FOUND
-    return grpc.StatusCode.FAILED_PRECONDITION
-
-
-class Refused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        self.code = code
-        self.message = message
-        super().__init__(message)
 
 
 async def _guard(context: grpc.aio.ServicerContext, coro: Awaitable[T]) -> T:
@@ -67,7 +52,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         queue: asyncio.Queue = asyncio.Queue()
         try:
             first = self._submit(request, queue)
-        except Refused as e:
+        except StatusError as e:
             await context.abort(e.code, e.message)
         if first is not None:
             yield first
@@ -100,7 +85,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     request = command.generate
                     try:
                         first = self._submit(request, conn)
-                    except Refused as e:
+                    except StatusError as e:
                         conn.refuse(request.request_id, e.code, e.message)
                         continue
                     if first is not None:
@@ -116,19 +101,19 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def _submit(self, request: wpb.WorkerGenerateRequest, sink) -> wpb.WorkerStep | None:
         """Adds the request with `sink` receiving its outputs; returns a step to send first (c2c's needs, or
-        the end of a request aborted before it came), else None. Raises Refused."""
+        the end of a request aborted before it came), else None. Raises StatusError."""
         rid = request.request_id
         if not rid:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must be a non-empty string")
+            raise StatusError(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must be a non-empty string")
         if self.loop.was_aborted(rid):
             return wpb.WorkerStep(request_id=rid, model=request.model, finished=True, finish_reason="abort")
         if self.loop.open(rid, sink) is None:
-            raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is already in use")
+            raise StatusError(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is already in use")
         try:
             needs = self._add(request)
         except TandemError as e:
             self.loop.close(rid)
-            raise Refused(status_of(e), str(e)) from None
+            raise StatusError(status_of(e), str(e)) from None
         self.loop.wake()
         if not needs:
             return None

@@ -13,7 +13,7 @@ import contextlib
 import json
 from typing import AsyncIterator
 
-from orchestrator.errors import not_found
+from tandem.status import not_found
 from orchestrator.pipelines.base import PipelineRequest
 from orchestrator.pipelines.c2c_config import C2CConfig, C2CParams, check_against_server
 from orchestrator.pipelines.c2c_remote import Transfer, feed_sharers

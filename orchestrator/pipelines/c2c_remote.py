@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from c2c.colocated import runs
-from orchestrator.errors import StatusError
+from tandem.status import StatusError
 from orchestrator.pipelines.base import PipelineRequest
 from orchestrator.pipelines.single import relay
 from orchestrator.workers import worker_error

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 import grpc
 
-from orchestrator.errors import StatusError
+from tandem.status import StatusError
 from orchestrator.pipelines.base import PipelineRequest
 from orchestrator.pipelines.single import chunk_of, final_of, relay
 from orchestrator.workers import worker_error

@@ -7,7 +7,7 @@ from typing import AsyncIterator
 import grpc
 from pydantic import BaseModel, ConfigDict
 
-from orchestrator.errors import unavailable
+from tandem.status import unavailable
 from orchestrator.pipelines.base import (
     FINISH_REASONS,
     Params,

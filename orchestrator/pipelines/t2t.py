@@ -11,7 +11,7 @@ import grpc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from c2c.t2t import answer_messages, context_messages
-from orchestrator.errors import StatusError
+from tandem.status import StatusError
 from orchestrator.pipelines.base import Params, PipelineRequest, check_hosted
 from orchestrator.pipelines.single import MultiWorkerPipeline, chunk_of, final_of, relay
 from orchestrator.workers import WorkerHandle, worker_error
