@@ -11,6 +11,7 @@ import torch
 
 from tandem.assets import resolve
 from tandem.errors import InvalidRequestError, ModelNotFoundError
+from workers.engine import kv_transfer
 from workers.engine.block_manager import BlockManager
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalDetokenizer
@@ -188,43 +189,15 @@ class Engine:
         self._finish_now(request_id, "released")
 
     def export_kv(self, request_id: str, layers: range | None = None, start: int = 0, end: int | None = None) -> KVSlice:
+        """K/V of tokens `[start, end)` (default: every computed token) of a sequence, for `layers`."""
         seq = self._live(request_id)
-        rm = self.models[seq.model]
-        layers = layers or range(rm.runner.spec.num_layers)
-        end = seq.num_computed if end is None else end
-        if not 0 <= start <= end <= seq.num_computed:
-            raise InvalidRequestError("range", f"[{start}, {end}) is not within the {seq.num_computed} computed tokens")
-        if not (0 <= layers.start < layers.stop <= rm.runner.spec.num_layers and layers.step == 1):
-            raise InvalidRequestError("layers", f"{layers} is not a layer range of a {rm.runner.spec.num_layers}-layer model")
-        slots = rm.blocks.slots(seq, start, end)
-        k, v = rm.runner.read_kv(slots.to(rm.runner.device), layers)
-        return KVSlice(layers, start, k, v)
+        return kv_transfer.export_kv(self.models[seq.model], seq, layers, start, end)
 
     def import_kv(self, request_id: str, kv: KVSlice, mark_computed: bool = False) -> None:
         """Write K/V for tokens `[kv.start, kv.start + n)` of a sequence's known tokens. With
         `mark_computed` and every layer given, those tokens count as computed (no prefill needed)."""
         seq = self._live(request_id)
-        rm = self.models[seq.model]
-        spec = rm.runner.spec
-        n = kv.num_tokens
-        want = (len(kv.layers), n, spec.num_kv_heads, spec.head_dim)
-        for name, t in (("kv.k", kv.k), ("kv.v", kv.v)):
-            if tuple(t.shape) != want:
-                raise InvalidRequestError(name, f"shape {tuple(t.shape)} does not match {want} for this model")
-        if not (0 <= kv.layers.start < kv.layers.stop <= spec.num_layers):
-            raise InvalidRequestError("kv.layers", f"{kv.layers} is outside the model's {spec.num_layers} layers")
-        if not 0 <= kv.start <= seq.num_computed or kv.start + n > seq.num_tokens:
-            raise InvalidRequestError("kv.start", f"tokens [{kv.start}, {kv.start + n}) do not fit the sequence")
-        if not rm.blocks.ensure(seq, kv.start + n):
-            raise InvalidRequestError("kv", "the KV pool has no room for these tokens now")
-        shared = [b for b in seq.block_table if rm.blocks.blocks[b].ref_count > 1]
-        if shared:
-            raise InvalidRequestError("kv", "the sequence shares cached prefix blocks; give it a cache_salt to import KV")
-        rm.blocks.invalidate_from(seq, kv.start)
-        slots = rm.blocks.slots(seq, kv.start, kv.start + n)
-        rm.runner.write_kv(slots.to(rm.runner.device), kv.layers, kv.k, kv.v)
-        if mark_computed and len(kv.layers) == spec.num_layers:
-            seq.num_computed = max(seq.num_computed, kv.start + n)
+        kv_transfer.import_kv(self.models[seq.model], seq, kv, mark_computed)
 
     def add_policy(self, model: str, policy: TokenPolicy) -> None:
         self.model(model).policies.append(policy)
