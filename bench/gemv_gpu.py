@@ -130,7 +130,8 @@ def cold_rows(shapes: list[str]) -> list[dict]:
         best = min(sweep, key=sweep.get)
         default = per_call()
         gb = n * k * 2 / 1e9
-        row = {"shape": shape, "layer": layer, "prologue": "norm" if norm else None, "epilogue": act, "N": n, "K": k, "copies": copies, "default_config": config_for(n * (2 if act else 1), k, norm),
+        row = {"shape": shape, "layer": layer, "prologue": "norm" if norm else None, "epilogue": act, "N": n, "K": k,
+               "copies": copies, "default_config": config_for(n, k, norm),
                "default_us": round(default, 2), "default_TBs": round(gb / default * 1e3, 2), "best_config": best,
                "best_us": round(sweep[best], 2), "best_TBs": round(gb / sweep[best] * 1e3, 2),
                "top5": sorted(((round(v, 2), c) for c, v in sweep.items()))[:5]}

@@ -93,16 +93,20 @@ def epilogue_pays(k: int) -> bool:
     return k <= 2048
 
 
-def _launch(x, weight, bias, n, k, config, *, res=None, res_out=None, norm_weight=None, eps=0.0,
-            norm=False, offset=False, act=-1) -> torch.Tensor:
+def _launch(x, weight, bias, config, gated, *, res=None, res_out=None, norm_weight=None, eps=0.0,
+            norm=False, offset=False) -> torch.Tensor:
+    n, k = weight.shape
+    if gated is not None:
+        assert bias is None and n % 2 == 0, "a gated weight is a fused [2I, K] gate_up without bias"
+        n //= 2
     assert x.shape == (1, k) and x.stride(-1) == 1 and weight.stride(1) == 1, (x.shape, weight.shape)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = config or config_for(n * (2 if act >= 0 else 1), k, norm)
+    block_n, block_k, warps = config or config_for(weight.shape[0], k, norm)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, res if res is not None else x, res_out if res_out is not None else x,
         norm_weight if norm_weight is not None else x, weight, bias if bias is not None else weight, y, n, k,
         weight.stride(0), eps, NORM=norm, HAS_RES=res is not None, OFFSET=offset, HAS_BIAS=bias is not None,
-        ACT=act, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        ACT=ACTS[gated] if gated is not None else -1, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return y
 
 
@@ -110,11 +114,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          config: tuple[int, int, int] | None = None, gated: str | None = None) -> torch.Tensor:
     """x `[1, K]`, weight `[N, K]` (rows contiguous) -> `[1, N]`. With `gated` (an activation), weight is a
     fused `[2I, K]` gate_up and the result `act(gate) * up`, `[1, I]`."""
-    n, k = weight.shape
-    if gated is not None:
-        assert bias is None and n % 2 == 0
-        n //= 2
-    return _launch(x, weight, bias, n, k, config, act=ACTS[gated] if gated else -1)
+    return _launch(x, weight, bias, config, gated)
 
 
 def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, offset: bool,
@@ -122,11 +122,7 @@ def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
               gated: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`(gemv(norm(x + residual)), x + residual)`, as `add_rmsnorm` then `gemv`; the sum goes to a new
     tensor (other programs still read the old residual). Without a residual: `(gemv(norm(x)), x)`."""
-    n, k = weight.shape
-    if gated is not None:
-        assert bias is None and n % 2 == 0
-        n //= 2
     res_out = torch.empty_like(x) if residual is not None else x
-    y = _launch(x, weight, bias, n, k, config, res=residual, res_out=res_out, norm_weight=norm_weight,
-                eps=eps, norm=True, offset=offset, act=ACTS[gated] if gated else -1)
+    y = _launch(x, weight, bias, config, gated, res=residual, res_out=res_out, norm_weight=norm_weight, eps=eps,
+                norm=True, offset=offset)
     return y, res_out

@@ -37,7 +37,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class GatedMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, activation: str):
         super().__init__()
-        self.intermediate = intermediate
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
         if activation not in kernels.reference.ACTIVATIONS:
