@@ -12,7 +12,7 @@ import grpc
 
 from orchestrator.admission import Admission
 from orchestrator.config import TandemConfig
-from tandem.status import StatusError, not_found
+from tandem.status import StatusError, not_found, status_of
 from orchestrator.metrics import Metrics
 from orchestrator.pipelines import REGISTRY, Pipeline, PipelineRequest
 from orchestrator.sessions import Session, SessionStore
@@ -100,12 +100,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             if outcome == "abort" or state.aborted:
                 outcome = "abort"
                 raise StatusError(grpc.StatusCode.CANCELLED, f"request {rid!r} was aborted")
-        except InvalidRequestError as e:
+        except (InvalidRequestError, ModelNotFoundError) as e:
             outcome = "invalid"
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except ModelNotFoundError as e:
-            outcome = "invalid"
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            await context.abort(status_of(e), str(e))
         except StatusError as e:
             outcome = {grpc.StatusCode.CANCELLED: "abort", grpc.StatusCode.RESOURCE_EXHAUSTED: "rejected",
                        grpc.StatusCode.NOT_FOUND: "invalid", grpc.StatusCode.ALREADY_EXISTS: "invalid",
