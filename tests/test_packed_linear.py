@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from workers.models import packed_linear
-from workers.models.packed_linear import PackedLinear, can_pack, pack_linears
+from workers.models.packed_linear import PackedLinear, can_pack, is_file_backed, map_embeddings, pack_linears
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.bfloat16, torch.device("cpu")), reason="no oneDNN bf16 packing here")
 
@@ -40,3 +40,37 @@ def test_pack_linears_keeps_tied_embeddings(tiny_paths, monkeypatch):
     assert model.model.embed_tokens.weight.shape[0] == 384
     after = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].token_ids
     assert after == before
+
+
+def _in_deleted_file_mapping(t: torch.Tensor) -> bool:
+    """True when `t`'s memory lies in a mapping of a removed file (the spilled table), not on the heap."""
+    ptr = t.data_ptr()
+    for line in open("/proc/self/maps"):
+        span, *_, tail = line.split(maxsplit=5) + [""]
+        lo, hi = (int(x, 16) for x in span.split("-"))
+        if lo <= ptr < hi:
+            return "(deleted)" in line
+    return False
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_embeddings_are_file_backed_and_held_once(tiny_paths, kind):
+    """Tied (llama here) or not, the embedding table ends in a file mapping and the packed lm_head is the only
+    copy in memory; lookups, logits and greedy tokens stay exactly what they were."""
+    from workers.engine import Engine, EngineConfig, ModelConfig, SamplingParams
+
+    config = ModelConfig("m", str(tiny_paths[kind]), dtype="bfloat16", block_size=4, kv_cache_mb=4,
+                         cpu_packed_linear=False)
+    engine = Engine(EngineConfig([config]))
+    model = engine.model().runner.model
+    table = model.model.embed_tokens.weight.detach().clone()
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
+    before = engine.generate([[5, 6, 7]], params)[0]
+    pack_linears(model)
+    assert map_embeddings(model) == (0 if tied else 1)
+    assert map_embeddings(model) == 0
+    weight = model.model.embed_tokens.weight
+    assert is_file_backed(weight) and _in_deleted_file_mapping(weight) and torch.equal(weight, table)
+    after = engine.generate([[5, 6, 7]], params)[0]
+    assert after.token_ids == before.token_ids and after.logprobs == before.logprobs

@@ -12,7 +12,7 @@ from workers.engine.cuda_graph import DecodeGraphs
 from workers.engine.scheduler import ScheduledSeq
 from workers.models import LoadedModel
 from workers.models.decoder import ForwardBatch
-from workers.models.packed_linear import can_pack, pack_linears
+from workers.models.packed_linear import can_pack, map_embeddings, pack_linears
 from workers.models.spec import rope_cache
 
 
@@ -26,6 +26,10 @@ class ModelRunner:
         self.dtype = loaded.dtype
         self.block_size = config.block_size
         self.max_model_len = min(spec.max_model_len, config.max_model_len or spec.max_model_len)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if config.cpu_packed_linear and can_pack(self.dtype, self.device):
+            pack_linears(self.model)
+            map_embeddings(self.model)
         elem = torch.empty((), dtype=self.dtype).element_size()
         self.block_bytes = spec.kv_bytes_per_token * self.block_size * elem
         self.num_blocks = max(1, int(config.kv_cache_mb * 2**20) // self.block_bytes)
@@ -36,10 +40,7 @@ class ModelRunner:
         for layer_type, (inv_freq, scale) in spec.rope.items():
             cos, sin = rope_cache(inv_freq, scale, self.max_model_len)
             self.rope[layer_type] = (cos.to(self.device, self.dtype), sin.to(self.device, self.dtype))
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.graphs = DecodeGraphs(self) if self.device.type == "cuda" and config.cuda_graphs else None
-        if config.cpu_packed_linear and can_pack(self.dtype, self.device):
-            pack_linears(self.model)
 
     @property
     def kv_cache_bytes(self) -> int:

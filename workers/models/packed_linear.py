@@ -4,8 +4,10 @@ For small batches this is several times faster than `F.linear` on CPUs with AVX-
 gives bit-identical bf16 results. fp32 keeps `F.linear` (packing changes its rounding slightly)."""
 from __future__ import annotations
 
+import gc
 import tempfile
 from collections import Counter
+from typing import IO
 
 import torch
 from torch import nn
@@ -30,9 +32,13 @@ class PackedLinear(nn.Module):
         self.biases = [None] * len(packed) if bias is None else list(bias.split(rows))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, shared: bool) -> PackedLinear:
+    def from_linear(cls, linear: nn.Linear, shared: bool, tied: nn.Embedding | None = None) -> PackedLinear:
+        """`tied`: the embedding that shares this weight; it is given a file-backed copy to look rows up in,
+        so the table is held once, packed (an embedding lookup touches a few pages of the file per token)."""
         bias = None if linear.bias is None else linear.bias.detach()
         nbytes = linear.weight.numel() * linear.weight.element_size()
+        if tied is not None:
+            return cls(linear.in_features, linear.out_features, _spill_and_pack(linear, tied), bias)
         if shared or nbytes < SPILL_BYTES:
             return cls(linear.in_features, linear.out_features, [_pack(linear.weight.detach())], bias)
         return cls(linear.in_features, linear.out_features, _spill_and_pack(linear), bias)
@@ -44,23 +50,61 @@ class PackedLinear(nn.Module):
                           for p, b in zip(self.packed, self.biases)], dim=-1)
 
 
-def _spill_and_pack(linear: nn.Linear) -> list[torch.Tensor]:
+def _spill_and_pack(linear: nn.Linear, tied: nn.Embedding | None = None) -> list[torch.Tensor]:
     """Pack a large weight chunk by chunk after moving it to a temporary file, so the original and
-    its packed copy are never in memory together (the lm_head of a 150k vocabulary is 270 MB)."""
+    its packed copy are never in memory together (the lm_head of a 150k vocabulary is 270 MB).
+    The chunks are read with plain reads, so the pages of `tied`'s mapping stay untouched."""
     weight = linear.weight.detach()
     rows, cols, dtype = weight.shape[0], weight.shape[1], weight.dtype
     row_bytes = cols * weight.element_size()
-    with tempfile.TemporaryFile() as f:
-        f.write(memoryview(weight.contiguous().view(-1).view(torch.uint8).numpy()))
+    with _spill(weight) as f:
+        if tied is not None:
+            tied.weight = _mapping(f, weight)
         del linear.weight, weight
+        gc.collect()   # the weight can sit in a reference cycle: free it before its packed copy is made
         chunks = []
+        buf = torch.empty((min(CHUNK_ROWS, rows), cols), dtype=dtype)
         for start in range(0, rows, CHUNK_ROWS):
             n = min(CHUNK_ROWS, rows - start)
-            buf = torch.empty((n, cols), dtype=dtype)
             f.seek(start * row_bytes)
-            f.readinto(memoryview(buf.view(-1).view(torch.uint8).numpy()))
-            chunks.append(_pack(buf))
+            f.readinto(memoryview(buf[:n].view(-1).view(torch.uint8).numpy()))
+            chunks.append(_pack(buf[:n]))
     return chunks
+
+
+def _spill(weight: torch.Tensor) -> IO[bytes]:
+    """`weight` written to a temporary file, which closing removes (a mapping of it stays valid). Not a
+    context manager of its own: one would hold `weight` alive until the block's end."""
+    f = tempfile.NamedTemporaryFile()
+    f.write(memoryview(weight.contiguous().view(-1).view(torch.uint8).numpy()))
+    f.flush()
+    return f
+
+
+def _mapping(f: IO[bytes], like: torch.Tensor) -> nn.Parameter:
+    mapped = torch.from_file(f.name, shared=False, size=like.numel(), dtype=like.dtype).view(like.shape)
+    param = nn.Parameter(mapped, requires_grad=False)
+    param.file_backed = True
+    return param
+
+
+def is_file_backed(weight: torch.Tensor) -> bool:
+    return getattr(weight, "file_backed", False)
+
+
+def map_embeddings(model: nn.Module) -> int:
+    """Move embedding tables into file-backed mappings: a lookup touches a few pages per token, so a
+    table (270 MB for a 150k vocabulary) is not held in memory. Returns how many were moved."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) and not is_file_backed(m.weight):
+            old = m.weight
+            with _spill(old.detach()) as f:
+                m.weight = _mapping(f, old)
+            del old
+            gc.collect()
+            count += 1
+    return count
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
@@ -78,12 +122,15 @@ def pack_linears(model: nn.Module) -> int:
     """Replace every nn.Linear in `model` in place, one at a time, so that each original weight is
     freed as soon as its packed copy exists; returns how many were packed."""
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    embeddings = {id(m.weight): m for m in model.modules() if isinstance(m, nn.Embedding)}
     count = 0
     parents = [m for m in model.modules() if not isinstance(m, nn.Linear)]
     for parent in parents:
         names = [n for n, c in parent.named_children() if isinstance(c, nn.Linear)]
         for name in names:
             linear = getattr(parent, name)
-            setattr(parent, name, PackedLinear.from_linear(linear, shared=uses[id(linear.weight)] > 1))
+            shared = uses[id(linear.weight)] > 1
+            tied = embeddings.get(id(linear.weight)) if shared else None
+            setattr(parent, name, PackedLinear.from_linear(linear, shared, tied))
             count += 1
     return count
