@@ -33,16 +33,16 @@ def paged_attention(
         slots = meta.memo("decode_slots", lambda: _decode_slots(meta))
         kv_heads = k_cache.shape[2]
         qf = q[:nd].float().view(nd, kv_heads, q.shape[1] // kv_heads, q.shape[2])
-        scores = torch.matmul(qf, k_flat[slots].float().permute(0, 2, 3, 1)) * scale
+        scores = torch.matmul(qf, _decode_rows(k_flat, slots).transpose(-1, -2)).mul_(scale)
         mask = meta.memo(("decode_mask", window), lambda: _decode_mask(meta, slots.shape[1], window))
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-        out[:nd] = torch.matmul(probs, v_flat[slots].float().transpose(1, 2)).reshape(nd, *q.shape[1:]).to(q.dtype)
+        probs = scores.masked_fill_(~mask, float("-inf")).softmax(-1)
+        out[:nd] = torch.matmul(probs, _decode_rows(v_flat, slots)).view(nd, *q.shape[1:])
     cu, lens = meta.host("cu_q"), meta.host("seq_lens")
     for i in range(meta.num_extend):
         a, b, ctx = nd + cu[i], nd + cu[i + 1], lens[nd + i]
         slots = meta.memo(("extend_slots", i), lambda: _slots(meta.block_tables[nd + i], ctx, meta.page_size))
-        k = k_flat[slots].transpose(0, 1)[None]
-        v = v_flat[slots].transpose(0, 1)[None]
+        k = k_flat.index_select(0, slots).transpose(0, 1)[None]
+        v = v_flat.index_select(0, slots).transpose(0, 1)[None]
         qs = q[a:b].transpose(0, 1)[None]
         if b - a == ctx and window is None:
             o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -51,6 +51,14 @@ def paged_attention(
             o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[a:b] = o[0].transpose(0, 1)
     return out
+
+
+def _decode_rows(flat: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """fp32 `[nd, kv_heads, n, d]` of the cache rows at `slots` `[nd, n]`: `index_select` over flat rows (several
+    times faster than advanced indexing), the head transpose riding on the dtype conversion's one copy."""
+    nd, n = slots.shape
+    rows = flat.index_select(0, slots.view(-1)).view(nd, n, *flat.shape[1:])
+    return torch.empty((nd, flat.shape[1], n, flat.shape[2]), dtype=torch.float32).copy_(rows.permute(0, 2, 1, 3))
 
 
 def _slots(block_table: torch.Tensor, length: int, page: int) -> torch.Tensor:
