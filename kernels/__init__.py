@@ -8,7 +8,7 @@ from kernels import reference
 from kernels.metadata import AttentionMetadata, build_metadata
 
 __all__ = ["AttentionMetadata", "build_metadata", "paged_attention", "store_kv", "add_rmsnorm", "rotary_",
-           "rope_store_kv", "act_mul", "linear", "norm_linear", "gated_linear"]
+           "rope_store_kv", "act_mul", "linear", "norm_linear", "gated_linear", "top_values"]
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -107,3 +107,12 @@ def gated_linear(x: torch.Tensor, layer: torch.nn.Linear, act: str | None) -> to
         if epilogue_pays(x.shape[-1]):
             return gemv(x, layer.weight, gated=act)
     return act_mul(linear(x, layer), act)
+
+
+def top_values(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's k largest values of a 2-D `x`, in fp32, largest first."""
+    if x.is_cuda and x.stride(-1) == 1 and k <= 512:
+        from kernels.triton_topk import top_values as triton_top_values
+
+        return triton_top_values(x, k, chunk=max(1024, 2 << (k - 1).bit_length()))
+    return reference.top_values_ref(x, k)

@@ -179,3 +179,8 @@ def act_mul_ref(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     """Oracle of `triton_act.act_mul`."""
     gate, up = gate_up.chunk(2, dim=-1)
     return ACTIVATIONS[activation](gate) * up
+
+
+def top_values_ref(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Oracle of `triton_topk.top_values`: each row's k largest values in fp32, largest first."""
+    return x.float().topk(k, dim=-1).values

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import kernels
 from tandem.errors import TandemError
 
 WEIGHTS, CONFIG = "router.safetensors", "router.json"
@@ -81,7 +82,7 @@ class Router(nn.Module):
         """From one SLM step: the hidden state, the token embedding and the top-k raw logits (sorted)."""
         assert self.embedding is not None, "the router needs the SLM's embedding table"
         emb = self.embedding[tokens.to(self.embedding.device)].to(hidden.device)
-        topk = logits.float().topk(min(self.config.top_k, logits.shape[-1]), dim=-1).values
+        topk = kernels.top_values(logits, min(self.config.top_k, logits.shape[-1]))
         if topk.shape[-1] < self.config.top_k:
             topk = nn.functional.pad(topk, (0, self.config.top_k - topk.shape[-1]), value=float(topk.min()))
         return hidden, emb, topk

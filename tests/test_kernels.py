@@ -253,3 +253,26 @@ def test_gated_gemv_is_linear_then_act_mul(dtype, activation, n, k, norm):
     want = ref.act_mul_ref(torch.nn.functional.linear(h.float(), w.float()).to(dtype), activation)
     assert got.shape == (1, n)
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype] * 10, rtol=TOL[dtype] * 10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,n,k,chunk", [(3, 1000, 16, 64), (2, 50, 8, 64), (1, 300, 32, 64), (4, 129, 1, 128),
+                                            (0, 200, 4, 64)])
+def test_top_values_is_topk(dtype, rows, n, k, chunk):
+    """Exact, whatever the number of rounds: one chunk (n ≤ chunk) up to three (1000 → 256 → 64 → k)."""
+    from kernels.triton_topk import top_values
+
+    x = torch.randn(rows, n).to(dtype)
+    if rows:
+        x[0, : n // 2] = torch.randint(-3, 3, (n // 2,)).to(dtype)   # ties
+    x = x.to(DEV)
+    got = top_values(x, k, chunk=chunk)
+    assert got.shape == (rows, k) and got.dtype == torch.float32
+    assert torch.equal(got, ref.top_values_ref(x, k))
+
+
+def test_top_values_reads_a_row_stride():
+    from kernels.triton_topk import top_values
+
+    x = torch.randn(3, 400).to(DEV)[:, :300]
+    assert torch.equal(top_values(x, 10, chunk=64), ref.top_values_ref(x, 10))
