@@ -74,3 +74,34 @@ def test_embeddings_are_file_backed_and_held_once(tiny_paths, kind):
     assert is_file_backed(weight) and _in_deleted_file_mapping(weight) and torch.equal(weight, table)
     after = engine.generate([[5, 6, 7]], params)[0]
     assert after.token_ids == before.token_ids and after.logprobs == before.logprobs
+
+
+def test_a_spilled_weight_is_freed_before_packing_even_from_a_reference_cycle(monkeypatch):
+    """The original and its packed copy must never be in memory together, even when the original still sits
+    in a reference cycle that only the garbage collector frees (this once kept a 270 MB lm_head alive)."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(packed_linear, "SPILL_BYTES", 1)
+    linear = nn.Linear(64, 300, bias=False, dtype=torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = linear(x)
+
+    class Cycle:
+        pass
+
+    cycle = Cycle()
+    cycle.self, cycle.weight = cycle, linear.weight
+    original = weakref.ref(linear.weight)
+    del cycle
+    alive_at_pack = []
+    real_pack = packed_linear._pack
+    monkeypatch.setattr(packed_linear, "_pack", lambda w: (alive_at_pack.append(original() is not None), real_pack(w))[1])
+    gc.disable()
+    try:
+        packed = PackedLinear.from_linear(linear, shared=False)
+    finally:
+        gc.enable()
+    assert alive_at_pack and not any(alive_at_pack)
+    assert torch.equal(packed(x), want)
