@@ -111,8 +111,9 @@ def gated_linear(x: torch.Tensor, layer: torch.nn.Linear, act: str | None) -> to
 
 def top_values(x: torch.Tensor, k: int) -> torch.Tensor:
     """Each row's k largest values of a 2-D `x`, in fp32, largest first."""
-    if x.is_cuda and x.stride(-1) == 1 and k <= 512:
-        from kernels.triton_topk import top_values as triton_top_values
+    if x.is_cuda and x.stride(-1) == 1:
+        from kernels.triton_topk import DEFAULT_CHUNK, top_values as triton_top_values
 
-        return triton_top_values(x, k, chunk=max(1024, 2 << (k - 1).bit_length()))
+        if 2 * k <= DEFAULT_CHUNK:
+            return triton_top_values(x, k)
     return reference.top_values_ref(x, k)

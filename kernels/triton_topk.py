@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+DEFAULT_CHUNK = 1024
+
 
 @triton.jit
 def _chunk_top_kernel(x_ptr, out_ptr, n, stride_x, stride_out, K: tl.constexpr, CHUNK: tl.constexpr):
@@ -21,7 +23,7 @@ def _chunk_top_kernel(x_ptr, out_ptr, n, stride_x, stride_out, K: tl.constexpr, 
     tl.store(out_ptr + row * stride_out + chunk * K + rank, ranked, mask=rank < K)
 
 
-def top_values(x: torch.Tensor, k: int, chunk: int = 1024, num_warps: int = 8) -> torch.Tensor:
+def top_values(x: torch.Tensor, k: int, chunk: int = DEFAULT_CHUNK, num_warps: int = 8) -> torch.Tensor:
     """`x.float().topk(k, dim=-1).values` for a 2-D `x`; `chunk` (a power of two ≥ 2k, so that every round at
     least halves what is left) is each program's share."""
     rows, n = x.shape
