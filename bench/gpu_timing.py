@@ -14,3 +14,15 @@ def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / replays
+
+
+def capture(fn, warmups: int = 2) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of one call of `fn`, captured after `warmups` eager calls (kernels compile, allocations
+    settle)."""
+    for _ in range(warmups):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph

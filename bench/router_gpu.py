@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_timing import replay_ms  # noqa: E402
+from gpu_timing import capture, replay_ms  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
@@ -33,16 +33,6 @@ def top_logits(logits: torch.Tensor, k: int, chunks: int) -> torch.Tensor:
         return logits.topk(k, dim=-1).values
     padded = torch.nn.functional.pad(logits, (0, piece * chunks - n), value=float("-inf"))
     return padded.view(*logits.shape[:-1], chunks, piece).topk(k, dim=-1).values.flatten(-2).topk(k, dim=-1).values
-
-
-def graphed(fn) -> torch.cuda.CUDAGraph:
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def main() -> None:
@@ -64,13 +54,13 @@ def main() -> None:
         want = logits.topk(100, dim=-1).values
         for c in map(int, args.chunks.split(",")):
             assert torch.equal(top_logits(logits, 100, c), want), (b, c)
-            ms = replay_ms(graphed(lambda: top_logits(logits, 100, c)), 200)
+            ms = replay_ms(capture(lambda: top_logits(logits, 100, c)), 200)
             rows.append({"what": "topk", "batch": b, "chunks": c, "us": round(ms * 1000, 2)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         for spec in args.triton.split(","):
             chunk, warps = map(int, spec.split("x"))
             assert torch.equal(top_values(logits, 100, chunk, warps), want), (b, spec)
-            ms = replay_ms(graphed(lambda: top_values(logits, 100, chunk, warps)), 200)
+            ms = replay_ms(capture(lambda: top_values(logits, 100, chunk, warps)), 200)
             rows.append({"what": "triton top_values", "batch": b, "chunk": chunk, "warps": warps, "us": round(ms * 1000, 2)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     for spec, top in [(r, t) for r in args.routers.split(",") for t in ("triton", "torch")]:
