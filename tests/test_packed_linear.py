@@ -1,4 +1,4 @@
-"""The CPU bf16 fast path: oneDNN-packed linears give exactly what F.linear gives."""
+"""The CPU fast path: oneDNN-packed linears give exactly what F.linear gives in bf16, within rounding in fp32."""
 from __future__ import annotations
 
 import pytest
@@ -25,6 +25,19 @@ def test_packed_equals_linear(monkeypatch, spill, bias):
     assert len(packed.packed) == (8 if spill else 1)
     assert not hasattr(linear, "weight") or not spill
     assert torch.equal(packed(x), want)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 40])
+def test_packed_fp32_within_rounding(rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 1000, bias=True)
+    x = torch.randn(rows, 256)
+    exact = torch.nn.functional.linear(x.double(), linear.weight.double(), linear.bias.double())
+    assert can_pack(torch.float32, torch.device("cpu"))
+    got = PackedLinear.from_linear(linear, shared=True)(x)
+    assert got.dtype == torch.float32
+    err = (got.double() - exact).abs().max() / exact.abs().max()
+    assert err < 1e-5
 
 
 def test_pack_linears_keeps_tied_embeddings(tiny_paths, monkeypatch):

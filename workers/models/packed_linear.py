@@ -1,7 +1,7 @@
-"""CPU fast path: linear layers with weights pre-packed for oneDNN (bf16), as inductor's CPU freezing does.
+"""CPU fast path: linear layers with weights pre-packed for oneDNN, as inductor's CPU freezing does.
 
-For small batches this is several times faster than `F.linear` on CPUs with AVX-512 BF16 / AMX and
-gives bit-identical bf16 results. fp32 keeps `F.linear` (packing changes its rounding slightly).
+For small batches this is several times faster than `F.linear`: in bf16 (AVX-512 BF16 / AMX) with
+bit-identical results, in fp32 with a different summation order (relative error ~1e-6, as F.linear's).
 Beside the packed weights, embedding tables move into file-backed mappings (`map_embeddings`), so each
 weight is held in memory once."""
 from __future__ import annotations
@@ -16,10 +16,11 @@ from torch import nn
 
 SPILL_BYTES = 64 << 20
 CHUNK_ROWS = 8192
+BATCH_HINT = 16   # oneDNN picks the packed layout for this many rows: 2x faster fp32 at 1-16 rows than for 1
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+    return torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
 
 
 class PackedLinear(nn.Module):
@@ -110,12 +111,16 @@ def map_embeddings(model: nn.Module) -> int:
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+    """bf16 packing must be bit-identical to F.linear, fp32 packing within fp32 rounding."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32) or not torch.backends.mkldnn.is_available():
         return False
     try:
-        probe = nn.Linear(8, 8, bias=True, dtype=dtype)
-        x = torch.randn(2, 8, dtype=dtype)
-        return torch.equal(PackedLinear.from_linear(probe, shared=True)(x), probe(x))
+        probe = nn.Linear(64, 64, bias=True, dtype=dtype)
+        x = torch.randn(3, 64, dtype=dtype)
+        got, want = PackedLinear.from_linear(probe, shared=True)(x), probe(x)
+        if dtype == torch.bfloat16:
+            return torch.equal(got, want)
+        return torch.allclose(got, want, rtol=1e-5, atol=1e-6)
     except (RuntimeError, AttributeError):
         return False
 
