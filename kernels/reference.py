@@ -33,10 +33,12 @@ def paged_attention(
         slots = meta.memo("decode_slots", lambda: _decode_slots(meta))
         kv_heads = k_cache.shape[2]
         qf = q[:nd].float().view(nd, kv_heads, q.shape[1] // kv_heads, q.shape[2])
-        scores = torch.matmul(qf, _decode_rows(k_flat, slots).transpose(-1, -2)).mul_(scale)
-        mask = meta.memo(("decode_mask", window), lambda: _decode_mask(meta, slots.shape[1], window))
-        probs = scores.masked_fill_(~mask, float("-inf")).softmax(-1)
-        out[:nd] = torch.matmul(probs, _decode_rows(v_flat, slots)).view(nd, *q.shape[1:])
+        group, n = qf.shape[2], slots.shape[1]
+        bias = meta.memo(("decode_bias", window), lambda: _decode_bias(meta, n, window, kv_heads))
+        keys = _decode_rows(k_flat, slots).view(nd * kv_heads, n, -1).transpose(1, 2)
+        scores = torch.baddbmm(bias.expand(-1, group, -1), qf.reshape(nd * kv_heads, group, -1), keys, alpha=scale)
+        probs = scores.softmax(-1)
+        out[:nd] = torch.bmm(probs, _decode_rows(v_flat, slots).view(nd * kv_heads, n, -1)).view(nd, *q.shape[1:])
     cu, lens = meta.host("cu_q"), meta.host("seq_lens")
     for i in range(meta.num_extend):
         a, b, ctx = nd + cu[i], nd + cu[i + 1], lens[nd + i]
@@ -74,13 +76,15 @@ def _decode_slots(meta: AttentionMetadata) -> torch.Tensor:
     return table[:, pos // meta.page_size] * meta.page_size + pos % meta.page_size
 
 
-def _decode_mask(meta: AttentionMetadata, n_keys: int, window: int | None) -> torch.Tensor:
+def _decode_bias(meta: AttentionMetadata, n_keys: int, window: int | None, kv_heads: int) -> torch.Tensor:
+    """`[nd * kv_heads, 1, n_keys]`: 0 where the row's query sees the key, -inf where it does not."""
     j = torch.arange(n_keys, device=meta.seq_lens.device)
     q = (meta.seq_lens[: meta.num_decode].long() - 1)[:, None]
     mask = j[None, :] <= q
     if window is not None:
         mask &= j[None, :] > q - window
-    return mask[:, None, None, :]
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+    return bias.repeat_interleave(kv_heads, 0)[:, None, :]
 
 
 def _causal_mask(ctx: int, q_len: int, window: int | None, device) -> torch.Tensor:
@@ -150,10 +154,9 @@ def add_rmsnorm_ref(x, residual, weight, eps, offset=False):
     if residual is not None:
         residual.add_(x)
         x = residual
-    xf = x.float()
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    y = (normed * (1.0 + weight.float())).to(x.dtype) if offset else weight * normed.to(x.dtype)
-    return y, x
+    if offset:
+        return (F.rms_norm(x.float(), x.shape[-1:], eps=eps) * (1.0 + weight.float())).to(x.dtype), x
+    return weight * F.rms_norm(x, x.shape[-1:], eps=eps), x   # fp32 inside, rounded once: as transformers
 
 
 def rotary_ref(x, cos, sin, positions):
@@ -178,7 +181,7 @@ ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approxim
 def act_mul_ref(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     """Oracle of `triton_act.act_mul`."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return ACTIVATIONS[activation](gate) * up
+    return ACTIVATIONS[activation](gate).mul_(up)
 
 
 def top_values_ref(x: torch.Tensor, k: int) -> torch.Tensor:

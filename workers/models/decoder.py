@@ -8,7 +8,7 @@ from torch import nn
 
 import kernels
 from kernels import AttentionMetadata
-from workers.models.layers import GatedMLP, RMSNorm, apply_rotary
+from workers.models.layers import GatedMLP, RMSNorm, apply_rotary, rotary_rows
 from workers.models.spec import ModelSpec
 
 
@@ -30,9 +30,24 @@ class ForwardBatch:
         if q.is_cuda:
             kernels.rope_store_kv(q, k, v, cos, sin, pos, k_cache, v_cache, slots)
             return q
-        cos, sin = self.meta.memo(("rope", layer_type), lambda: (cos[pos], sin[pos]))
-        kernels.store_kv(k_cache, v_cache, apply_rotary(k, cos, sin), v, slots)
-        return apply_rotary(q, cos, sin)
+        cos, sin = self.meta.memo(("rope", layer_type), lambda: rotary_rows(cos, sin, pos))
+        qk = _adjacent_heads(q, k)
+        if qk is None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        else:
+            rotated = apply_rotary(qk, cos, sin)
+            q, k = rotated[:, : q.shape[1]], rotated[:, q.shape[1]:]
+        kernels.store_kv(k_cache, v_cache, k, v, slots)
+        return q
+
+
+def _adjacent_heads(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """q and k as one `[T, q_heads + kv_heads, d]` view when k's heads follow q's in memory (both cut from
+    the fused qkv projection), so that one rotary pass serves both."""
+    head = q.stride(1)
+    if q.stride() != k.stride() or head != q.shape[2] or k.data_ptr() != q.data_ptr() + q.shape[1] * head * q.element_size():
+        return None
+    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride())
 
 
 class Attention(nn.Module):

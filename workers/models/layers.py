@@ -27,11 +27,20 @@ class RMSNorm(nn.Module):
         return kernels.norm_linear(x, residual, self.weight, self.eps, self.offset, layer, act)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x `[T, heads, d]`, cos/sin `[T, d]` already in x's dtype."""
+def rotary_rows(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables' rows for `apply_rotary`: `cos` as is, `sin` with its first half negated (what
+    transformers' `rotate_half` negates), so that rotating is a swap of halves and no negation."""
+    half = sin.shape[-1] // 2
+    s = sin[positions]
+    return cos[positions], torch.cat((-s[:, :half], s[:, half:]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x `[T, heads, d]`; cos/signed_sin `[T, d]` from `rotary_rows`, already in x's dtype. Same roundings as
+    transformers' `x * cos + rotate_half(x) * sin`."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return (swapped * signed_sin[:, None, :]).add_(x * cos[:, None, :])
 
 
 class GatedMLP(nn.Module):
