@@ -111,3 +111,19 @@ def test_detokenizer_with_real_tokenizer(tiny_path):
     ids = tok.encode(text, add_special_tokens=False)
     detok = IncrementalDetokenizer(tok, [])
     assert "".join(detok.add(i) for i in ids) + detok.flush() == text
+
+
+def test_argmax_rows_equals_torch_argmax():
+    import torch
+
+    from workers.engine.sampler import argmax_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 128 * 40)
+    x[1, 7] = x[1, 4000] = 50.0                 # a tie across blocks: the first index wins
+    x[2, 300] = x[2, 301] = 50.0                # a tie inside a block
+    x[3] = float("-inf")
+    x[4, 999] = float("nan")
+    x[5] = x[5].bfloat16().float()
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    assert torch.equal(argmax_rows(x[:, :1000]), x[:, :1000].argmax(dim=-1))   # not a whole number of blocks

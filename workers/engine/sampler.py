@@ -14,13 +14,24 @@ class SampleResult:
     logprobs: list[dict | None]
 
 
+def argmax_rows(x: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """`x.argmax(-1)` of a 2-D `x`, first index on ties. On the CPU through each block's max first: torch's
+    CPU argmax over a 150k vocabulary is ~6x slower than its max."""
+    rows, n = x.shape
+    if x.is_cuda or n % block or n == block or not x.is_contiguous():
+        return x.argmax(dim=-1)
+    blocks = x.view(rows, n // block, block)
+    best = blocks.amax(-1).argmax(-1)
+    return best * block + blocks[torch.arange(rows), best].argmax(-1)
+
+
 class Sampler:
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         params = [s.params for s in seqs]
-        greedy_tokens = logits.argmax(dim=-1)
+        greedy_tokens = argmax_rows(logits)
         if all(p.greedy for p in params):
             tokens = greedy_tokens
         else:
@@ -56,7 +67,7 @@ class Sampler:
         for i, s in enumerate(seqs):
             if s.generator is not None:
                 noise[i] = torch.empty(probs.shape[1]).exponential_(generator=s.generator).to(probs.device)
-        tokens = (probs / noise).argmax(dim=-1)
+        tokens = argmax_rows(probs / noise)
         greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         return torch.where(greedy, greedy_tokens, tokens)
 
