@@ -35,7 +35,8 @@ class RouterDecider(Decider):
     name = "router"
 
     def __init__(self, router: Router, cuda_graphs: bool = True):
-        self.router = router
+        """Takes `router` over for inference (on the CPU its linears are packed in place)."""
+        self.router = router.pack_for_cpu()
         self.default_threshold = float(router.config.threshold)
         self.cuda_graphs = cuda_graphs
         self.graphs: RouterGraphs | None = None

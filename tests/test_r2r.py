@@ -125,6 +125,16 @@ def test_router_checkpoint_round_trip_and_size_check(tiny_paths, tmp_path):
         Router.load(tmp_path / "nothing", emb)
 
 
+def test_router_packed_for_cpu_serving_scores_as_before(tiny_paths):
+    engine = pair_engine(tiny_paths)
+    router = tiny_router(engine)
+    h, lg, tok = torch.randn(5, 64), torch.randn(5, 384), torch.tensor([1, 2, 3, 4, 5])
+    want = router.prob(h, tok, lg)
+    decider = RouterDecider(router)
+    assert decider.router is router
+    torch.testing.assert_close(router.prob(h, tok, lg), want, atol=1e-6, rtol=1e-5)
+
+
 def test_propose_only_respects_vocab_limit(tiny_paths):
     engine = pair_engine(tiny_paths)
     free = engine.add_request("p", [5, 6, 7], GREEDY, model="llm", propose_only=True)
