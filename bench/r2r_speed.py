@@ -79,7 +79,7 @@ def build(args) -> R2R:
 
 
 def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: float = 0.0, seed: int = 0,
-        min_rows: int = 1, overlap: bool = True) -> dict:
+        min_rows: int = 1, overlap: bool = True, eager: bool = False) -> dict:
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True, detokenize=False)
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(100, 20000, (prompt_len,), generator=g).tolist() for _ in range(batch)]
@@ -87,6 +87,7 @@ def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: fl
     sync()
     t0 = time.perf_counter()
     r2r.llm_min_rows = min_rows
+    r2r.eager = eager
     r2r.engine.config.overlap = overlap
     chained = r2r.engine.models["slm"].chained_steps
     if kind == "r2r":
@@ -98,7 +99,7 @@ def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: fl
     per_token = statistics.mean(o.timings["per_token_s"] for o in outs)
     row = {"kind": kind, "batch": batch, "tokens": tokens, "prompt_len": prompt_len,
            "per_request_tok_s": round(1 / per_token, 2), "aggregate_tok_s": round(batch / per_token, 1),
-           "wall_s": round(wall, 3)}
+           "ttft_ms": round(1e3 * statistics.mean(o.timings["ttft_s"] for o in outs), 2), "wall_s": round(wall, 3)}
     if not overlap:
         row["overlap"] = False
     if kind != "llm":
@@ -106,6 +107,7 @@ def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: fl
     if kind == "r2r":
         row["forced_share"] = share
         row["llm_min_rows"] = min_rows
+        row["llm_prefill"] = "eager" if eager else "lazy"
         row["llm_token_share"] = round(sum(o.stats["llm_tokens"] for o in outs) / sum(len(o.token_ids) for o in outs), 4)
         row["router_ms_per_token"] = round(1e3 * sum(o.stats["router_s"] for o in outs) / (batch * tokens), 4)
         row["llm_ms_per_token"] = round(1e3 * sum(o.stats["llm_s"] for o in outs) / (batch * tokens), 4)
@@ -204,6 +206,8 @@ def main() -> None:
     ap.add_argument("--stall-dump", type=float, default=0, help="dump every thread's stack after this many seconds")
     ap.add_argument("--ab-overlap", action="store_true", help="also R2R at 13%% with SLM steps not overlapped")
     ap.add_argument("--profile", action="store_true", help="cProfile one batch-1 R2R run at 13%%")
+    ap.add_argument("--llm-prefill", default="lazy", choices=["lazy", "eager", "both"],
+                    help="when the LLM reads the prompt: at the first hand-off (lazy) or at arrival (eager)")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.device == "cpu":
@@ -222,14 +226,17 @@ def main() -> None:
               "router": {"width": args.router_width, "depth": args.router_depth}, "rows": []}
     shares = [float(s) for s in args.shares.split(",")]
     for batch in (int(b) for b in args.batches.split(",")):
-        configs = [("llm", 0.0, 1, True), ("slm", 0.0, 1, True)] + [("r2r", s, 1, True) for s in shares]
-        configs += [("r2r", s, 1, False) for s in shares if args.ab_overlap and s == 0.13]
+        modes = {"lazy": [False], "eager": [True], "both": [False, True]}[args.llm_prefill]
+        configs = [("llm", 0.0, 1, True, False), ("slm", 0.0, 1, True, False)]
+        configs += [("r2r", s, 1, True, e) for s in shares for e in modes]
+        configs += [("r2r", s, 1, False, e) for s in shares if args.ab_overlap and s == 0.13 for e in modes]
         if batch >= 8:
-            configs += [("r2r", s, batch // 4, True) for s in shares]
-        for kind, share, min_rows, overlap in configs:
-            run(r2r, kind, batch, args.tokens, args.prompt_len, share, 1, min_rows, overlap)  # warm-up: kernels compile
+            configs += [("r2r", s, batch // 4, True, e) for s in shares for e in modes]
+        for kind, share, min_rows, overlap, eager in configs:
+            run(r2r, kind, batch, args.tokens, args.prompt_len, share, 1, min_rows, overlap, eager)  # warm-up
             for _ in range(args.repeat):
-                row = run(r2r, kind, batch, args.tokens, args.prompt_len, share, 2 + len(report["rows"]), min_rows, overlap)
+                row = run(r2r, kind, batch, args.tokens, args.prompt_len, share, 2 + len(report["rows"]), min_rows,
+                          overlap, eager)
                 report["rows"].append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     if args.profile:

@@ -7,6 +7,11 @@ last call, prompt included on the first, and samples the token, which is injecte
 The SLM has no KV for the dropped token, so nothing is rolled back. Every flagged row of a step is
 extended in one LLM batch, in the same engine step (the SLM steps first).
 
+With `llm_prefill="eager"` (co-located only) the shadow is made when the request arrives and prefills the
+prompt without sampling, and the SLM starts once it has: the first hand-off is then a catch-up like any
+other instead of a prompt-long prefill in the middle of the stream; the first token comes after both
+prefills (as the LLM alone would give it, plus the SLM's prefill).
+
 Disaggregated (`llm` None): a flagged row is held and a hand-off output carries the tokens the remote
 LLM has not seen; the orchestrator runs the LLM worker and calls `Engine.inject` here with its token."""
 from __future__ import annotations
@@ -54,10 +59,14 @@ class RouteState:
 
 class R2R:
     def __init__(self, engine: Engine, slm: str, llm: str | None, deciders: Iterable[Decider], default: str = "",
-                 llm_min_rows: int = 1, llm_max_wait_steps: int = 4):
+                 llm_min_rows: int = 1, llm_max_wait_steps: int = 4, llm_prefill: str = "lazy"):
         """Co-located, flagged rows wait (held) until `llm_min_rows` of them are pending, or the oldest has
-        waited `llm_max_wait_steps` steps, so the LLM runs on bigger batches while the other rows go on."""
+        waited `llm_max_wait_steps` steps, so the LLM runs on bigger batches while the other rows go on.
+        `llm_prefill`: "lazy" (the LLM sees the prompt at the first hand-off) or "eager" (at arrival)."""
+        if llm_prefill not in ("lazy", "eager"):
+            raise InvalidRequestError("llm_prefill", f'must be "lazy" or "eager", got {llm_prefill!r}')
         self.engine = engine
+        self.eager = llm_prefill == "eager" and llm is not None
         self.llm_min_rows = max(1, llm_min_rows)
         self.llm_max_wait_steps = llm_max_wait_steps
         self.pending: list[tuple[Sequence, RouteState, int, int]] = []
@@ -75,6 +84,7 @@ class R2R:
                 raise InvalidRequestError("llm", f"{slm!r} and {llm!r} do not share special tokens")
         self.states: dict[str, RouteState] = {}
         self.shadows: dict[str, RouteState] = {}
+        self.awaiting_llm: dict[str, str] = {}   # eager: SLM request -> its shadow, until the shadow has prefilled
         engine.add_policy(slm, DeferredPolicy(self._score_slm_step, self._on_slm_step))
         if self.llm is not None:
             engine.add_policy(llm, self._on_llm_step)
@@ -98,13 +108,25 @@ class R2R:
             raise InvalidRequestError("threshold", f"must be within [0, 1], got {threshold}")
         state = RouteState(request_id, f"{request_id}/llm", d, float(threshold))
         self.states[request_id] = state
+        eager = self.eager
         try:
-            seq = self.engine.add_request(request_id, prompt, params, self.slm.name, priority, cache_salt=cache_salt)
+            seq = self.engine.add_request(request_id, prompt, params, self.slm.name, priority, cache_salt=cache_salt,
+                                          paused=eager)
         except Exception:
             self.states.pop(request_id, None)
             raise
         seq.max_len = min(seq.max_len, self.max_len)
         seq.stats = state.stats()
+        if eager and len(seq.token_ids) < 2:          # no prompt to read before the first token
+            self.engine.call(lambda: self.engine.resume(request_id))
+        elif eager:
+            try:
+                self._start_llm(seq, state, sample=False, immediate=False)
+            except Exception:
+                self.states.pop(request_id, None)
+                self.engine.abort(request_id)
+                raise
+            self.awaiting_llm[request_id] = state.llm_rid
         return seq
 
     def generate(self, prompts: Iterable[str | list[int]], params: SamplingParams | None = None, **route) -> list[RequestOutput]:
@@ -170,7 +192,17 @@ class R2R:
 
     def _after_step(self) -> None:
         self.steps += 1
+        self._start_prefilled()
         self._flush()
+
+    def _start_prefilled(self) -> None:
+        """Eager: let each SLM request go once its shadow has read the prompt (or is gone)."""
+        for slm_rid, llm_rid in list(self.awaiting_llm.items()):
+            shadow = self.engine.requests.get(llm_rid)
+            if shadow is None or shadow.num_uncomputed == 0:
+                del self.awaiting_llm[slm_rid]
+                if slm_rid in self.engine.requests:
+                    self.engine.resume(slm_rid)
 
     def _flush(self) -> None:
         """Hand off the pending rows together once there are enough of them, one has waited too long, or
@@ -195,16 +227,10 @@ class R2R:
         if self.llm is None:
             self.engine.emit(StepOutput(seq.request_id, self.slm.name, handoff=list(delta)))
         elif not state.llm_started:
-            params = dataclasses.replace(seq.params, detokenize=False, stop=[])
-            if seq.params.seed is not None:
-                params = dataclasses.replace(params, seed=seq.params.seed + 1)
             try:
-                self.engine.add_request(state.llm_rid, delta, params, self.llm.name, seq.priority,
-                                        cache_salt=seq.cache_salt, immediate=True)
+                self._start_llm(seq, state, sample=True, immediate=True)
             except InvalidRequestError:
                 return False
-            state.llm_started = True
-            self.shadows[state.llm_rid] = state
         else:
             try:
                 self.engine.extend(state.llm_rid, delta, sample=True)
@@ -212,6 +238,19 @@ class R2R:
                 return False
         state.llm_seen = len(seq.token_ids)
         return True
+
+    def _start_llm(self, seq: Sequence, state: RouteState, sample: bool, immediate: bool) -> None:
+        """The LLM's copy of the request; it samples when `sample`. Without sampling it stops one token short,
+        so that the first hand-off always brings a token to compute and sample from."""
+        params = dataclasses.replace(seq.params, detokenize=False, stop=[])
+        if seq.params.seed is not None:
+            params = dataclasses.replace(params, seed=seq.params.seed + 1)
+        end = len(seq.token_ids) - (0 if sample else 1)
+        self.engine.add_request(state.llm_rid, seq.token_ids[state.llm_seen : end], params, self.llm.name,
+                                seq.priority, sample=sample, cache_salt=seq.cache_salt, immediate=immediate)
+        state.llm_started = True
+        state.llm_seen = end
+        self.shadows[state.llm_rid] = state
 
     def _on_llm_step(self, step: StepView) -> PolicyDecision | None:
         rows = [i for i, s in enumerate(step.seqs) if s.request_id in self.shadows]
@@ -235,6 +274,7 @@ class R2R:
         return PolicyDecision(hold=hold)
 
     def _on_retire(self, seq: Sequence) -> None:
+        self.awaiting_llm.pop(seq.request_id, None)
         state = self.states.pop(seq.request_id, None)
         if state is not None:
             if self.shadows.pop(state.llm_rid, None) is not None:

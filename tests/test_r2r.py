@@ -29,19 +29,20 @@ def tiny_router(engine: Engine) -> Router:
     return Router(config, slm.model.model.embed_tokens.weight.detach()).eval()
 
 
-def r2r(paths, **kw) -> R2R:
+def r2r(paths, llm_prefill: str = "lazy", **kw) -> R2R:
     engine = pair_engine(paths, **kw)
     deciders = [RouterDecider(tiny_router(engine)), ForcedDecider(), RandomDecider(0), EntropyDecider()]
-    return R2R(engine, "slm", "llm", deciders)
+    return R2R(engine, "slm", "llm", deciders, llm_prefill=llm_prefill)
 
 
 def alone(path, prompts, params=GREEDY):
     return [o.token_ids for o in make_engine(path).generate(prompts, params)]
 
 
-@pytest.mark.parametrize("decider", ["router", "forced", "entropy"])
-def test_extremes_equal_each_model_alone(tiny_paths, decider):
-    r = r2r(tiny_paths)
+@pytest.mark.parametrize("decider,llm_prefill", [("router", "lazy"), ("forced", "lazy"), ("entropy", "lazy"),
+                                                ("forced", "eager")])
+def test_extremes_equal_each_model_alone(tiny_paths, decider, llm_prefill):
+    r = r2r(tiny_paths, llm_prefill)
     never = r.generate(PROMPTS, GREEDY, decider=decider, threshold=1.0)
     assert [o.token_ids for o in never] == alone(tiny_paths["qwen2"], PROMPTS)
     assert all(set(o.sources) == {"slm"} and o.stats["llm_token_share"] == 0 for o in never)
@@ -52,9 +53,11 @@ def test_extremes_equal_each_model_alone(tiny_paths, decider):
     assert all(s["free_blocks"] == s["num_blocks"] for s in stats.values())
 
 
-def test_mixed_routing_shares_and_sources(tiny_paths):
-    r = r2r(tiny_paths)
+@pytest.mark.parametrize("llm_prefill", ["lazy", "eager"])
+def test_mixed_routing_shares_and_sources(tiny_paths, llm_prefill):
+    r = r2r(tiny_paths, llm_prefill)
     outs = r.generate(PROMPTS, GREEDY, decider="forced", threshold=0.75)
+    assert all(s["free_blocks"] == s["num_blocks"] for s in r.engine.stats().values())
     for o in outs:
         assert len(o.token_ids) == 16
         assert o.sources.count("llm") == 4 and o.stats["llm_tokens"] == 4 and o.stats["slm_tokens"] == 12
@@ -63,8 +66,9 @@ def test_mixed_routing_shares_and_sources(tiny_paths):
     assert outs[0].token_ids != alone(tiny_paths["qwen2"], PROMPTS[:1])[0]
 
 
-def test_catch_up_kv_equals_fresh_prefill(tiny_paths):
-    r = r2r(tiny_paths)
+@pytest.mark.parametrize("llm_prefill", ["lazy", "eager"])
+def test_catch_up_kv_equals_fresh_prefill(tiny_paths, llm_prefill):
+    r = r2r(tiny_paths, llm_prefill)
     seq = r.add_request("a", list(range(5, 19)), GREEDY, decider="forced", threshold=0.7, cache_salt="a")
     while seq.num_output < 11:
         r.engine.step()
@@ -99,6 +103,25 @@ def test_abort_frees_both_pools(tiny_paths):
     r.engine.step()
     assert not r.engine.requests and not r.states and not r.shadows
     assert all(s["free_blocks"] == s["num_blocks"] for s in r.engine.stats().values())
+
+
+def test_eager_llm_prefill_reads_the_prompt_at_arrival(tiny_paths):
+    lazy, eager = r2r(tiny_paths), r2r(tiny_paths, "eager")
+    for r in (lazy, eager):
+        r.add_request("a", list(range(5, 19)), GREEDY, decider="forced", threshold=1.0)
+        r.engine.step()
+    assert "a/llm" not in lazy.engine.requests
+    shadow = eager.engine.requests["a/llm"]
+    assert shadow.num_computed == 13 and shadow.token_ids == list(range(5, 18))   # the last waits for a hand-off
+    assert eager.engine.requests["a"].num_computed == 0 and lazy.engine.requests["a"].num_output == 1
+    eager.engine.step()
+    assert eager.engine.requests["a"].num_output == 1    # the SLM started once the LLM had read the prompt
+    eager.engine.abort("a")
+    eager.engine.step()
+    assert not eager.engine.requests and not eager.shadows
+    assert all(s["free_blocks"] == s["num_blocks"] for s in eager.engine.stats().values())
+    with pytest.raises(InvalidRequestError, match="llm_prefill"):
+        R2R(eager.engine, "slm", "llm", [ForcedDecider()], llm_prefill="sometimes")
 
 
 def test_bad_route_parameters(tiny_paths):

@@ -42,7 +42,8 @@ def servers(tiny_paths, tmp_path_factory):
 
     router = str(save_router(tmp_path_factory.mktemp("router"), 64))
     slm, llm = tiny_paths["qwen2"], tiny_paths["llama"]
-    configs = {"co-located": r2r_config(slm, llm, [[SLM, LLM]], router=router),
+    # Co-located serves with the LLM prefilling at arrival (the in-process tests cover both modes).
+    configs = {"co-located": r2r_config(slm, llm, [[SLM, LLM]], router=router, llm_prefill="eager"),
                "disaggregated": r2r_config(slm, llm, [[SLM], [LLM]], router=router)}
     with ThreadPoolExecutor(2) as pool:
         futures = {name: pool.submit(launch, c) for name, c in configs.items()}
@@ -200,6 +201,7 @@ def test_router_for_another_hidden_size_is_refused(tiny_paths, tmp_path):
     ({"threshold": 1.5}, "threshold"),
     ({"decider": "router"}, "decider"),
     ({"min_threshold": 0.8, "max_threshold": 0.2}, "min_threshold"),
+    ({"llm_prefill": "sometimes"}, "llm_prefill"),
 ])
 def test_bad_r2r_sections_name_the_key(tiny_paths, r2r, key):
     with pytest.raises(ConfigError) as e:

@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--parent-pid", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--r2r", type=json.loads, default=None,
-                    help='JSON {"slm": NAME, "llm": NAME or null, "router": DIR or null, "decider": NAME, "seed": N}')
+                    help='JSON {"slm": NAME, "llm": NAME or null, "router": DIR or null, "decider": NAME, "seed": N, '
+                         '"llm_prefill": "lazy" or "eager"}')
     ap.add_argument("--c2c", type=json.loads, default=None,
                     help='JSON {"receiver": NAME, "sharers": {NAME: {"checkpoint": DIR, "path": MODEL_PATH}}, '
                          '"mode": "sequential" or "parallel"}')
@@ -76,7 +77,8 @@ def build_r2r(engine, spec: dict):
                              slm_hidden_size=runner.spec.hidden_size, device=runner.device)
         deciders.append(RouterDecider(router))
     deciders += [EntropyDecider(), RandomDecider(int(spec.get("seed", 0))), ForcedDecider()]
-    return R2R(engine, spec["slm"], spec.get("llm") or None, deciders, spec.get("decider", ""))
+    return R2R(engine, spec["slm"], spec.get("llm") or None, deciders, spec.get("decider", ""),
+               llm_prefill=spec.get("llm_prefill", "lazy"))
 
 
 def build_c2c(engine, spec: dict):

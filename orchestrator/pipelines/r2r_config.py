@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -31,6 +31,9 @@ class R2RConfig(BaseModel):
     min_threshold: float = Field(0.0, ge=0, le=1, description="lowest per-request threshold accepted")
     max_threshold: float = Field(1.0, ge=0, le=1, description="highest per-request threshold accepted")
     seed: int = Field(0, ge=0, description="seed of the random decider on each SLM worker")
+    llm_prefill: Literal["lazy", "eager"] = Field(
+        "lazy", description='co-located: "lazy", the LLM reads the prompt at the first hand-off (fastest first '
+        'token); "eager", it prefills the prompt when the request arrives (no prompt-long stall mid-stream)')
 
     @model_validator(mode="after")
     def _defaults(self) -> R2RConfig:
@@ -63,7 +66,7 @@ class R2RConfig(BaseModel):
         if self.slm not in hosted:
             return None
         return {"slm": self.slm, "llm": self.llm if self.llm in hosted else None, "router": self.router,
-                "decider": self.decider, "seed": self.seed}
+                "decider": self.decider, "seed": self.seed, "llm_prefill": self.llm_prefill}
 
 
 class R2RParams(Params):

@@ -90,10 +90,12 @@ class Engine:
         propose_only: bool = False,
         immediate: bool = False,
         vocab_limit: int | None = None,
+        paused: bool = False,
     ) -> Sequence:
         """With `propose_only`, each sampled token is streamed as a proposal and not appended: the
         sequence then waits for `extend`; `vocab_limit` keeps its proposals below that id (for a model whose
-        vocabulary is padded beyond its partner's). `immediate` adds it at once (only on the engine's thread)."""
+        vocabulary is padded beyond its partner's). `immediate` adds it at once (only on the engine's thread).
+        `paused`: it starts only when `resume`d."""
         rm = self.model(model)
         params = params or SamplingParams()
         if not isinstance(request_id, str) or not request_id:
@@ -120,9 +122,9 @@ class Engine:
                 raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
             self.requests[request_id] = seq
             if not immediate:
-                self._inbox.append(lambda: rm.scheduler.add(seq))
+                self._inbox.append(lambda: rm.scheduler.add(seq, paused))
         if immediate:
-            rm.scheduler.add(seq)
+            rm.scheduler.add(seq, paused)
         return seq
 
     def _tokens(self, rm: ResidentModel, prompt: str | list[int]) -> list[int]:

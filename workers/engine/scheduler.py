@@ -34,9 +34,10 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting) or any(s.num_uncomputed for s in self.running)
 
-    def add(self, seq: Sequence) -> None:
-        seq.status = Status.WAITING
-        self.waiting.append(seq)
+    def add(self, seq: Sequence, paused: bool = False) -> None:
+        """Queue `seq`; with `paused` it waits for `resume` first."""
+        seq.status = Status.PAUSED if paused else Status.WAITING
+        (self.paused if paused else self.waiting).append(seq)
 
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_tokens
