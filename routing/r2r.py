@@ -108,25 +108,21 @@ class R2R:
             raise InvalidRequestError("threshold", f"must be within [0, 1], got {threshold}")
         state = RouteState(request_id, f"{request_id}/llm", d, float(threshold))
         self.states[request_id] = state
-        eager = self.eager
         try:
             seq = self.engine.add_request(request_id, prompt, params, self.slm.name, priority, cache_salt=cache_salt,
-                                          paused=eager)
+                                          paused=self.eager)
         except Exception:
             self.states.pop(request_id, None)
             raise
+        if len(seq.token_ids) >= self.max_len:
+            self.states.pop(request_id, None)
+            self.engine.abort(request_id)
+            raise InvalidRequestError("prompt", f"{len(seq.token_ids)} tokens leave no room to generate within "
+                                      f"{self.max_len} tokens (the shorter context of the two models)")
         seq.max_len = min(seq.max_len, self.max_len)
         seq.stats = state.stats()
-        if eager and len(seq.token_ids) < 2:          # no prompt to read before the first token
-            self.engine.call(lambda: self.engine.resume(request_id))
-        elif eager:
-            try:
-                self._start_llm(seq, state, sample=False, immediate=False)
-            except Exception:
-                self.states.pop(request_id, None)
-                self.engine.abort(request_id)
-                raise
-            self.awaiting_llm[request_id] = state.llm_rid
+        if self.eager:
+            self.engine.call(lambda: self._start_eagerly(seq, state))
         return seq
 
     def generate(self, prompts: Iterable[str | list[int]], params: SamplingParams | None = None, **route) -> list[RequestOutput]:
@@ -194,6 +190,20 @@ class R2R:
         self.steps += 1
         self._start_prefilled()
         self._flush()
+
+    def _start_eagerly(self, seq: Sequence, state: RouteState) -> None:
+        """On the engine's thread, right after the (paused) SLM request arrived: the shadow reads the prompt
+        first; the SLM goes at once when there is no prompt to read or the LLM cannot take it."""
+        if seq.is_finished:
+            return
+        if len(seq.token_ids) > 1:
+            try:
+                self._start_llm(seq, state, sample=False, immediate=True)
+                self.awaiting_llm[seq.request_id] = state.llm_rid
+                return
+            except InvalidRequestError:
+                pass
+        self.engine.resume(seq.request_id)
 
     def _start_prefilled(self) -> None:
         """Eager: let each SLM request go once its shadow has read the prompt (or is gone)."""

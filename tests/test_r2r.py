@@ -124,6 +124,21 @@ def test_eager_llm_prefill_reads_the_prompt_at_arrival(tiny_paths):
         R2R(eager.engine, "slm", "llm", [ForcedDecider()], llm_prefill="sometimes")
 
 
+@pytest.mark.parametrize("llm_prefill", ["lazy", "eager"])
+def test_prompt_beyond_the_llms_context_is_refused(tiny_paths, llm_prefill):
+    engine = Engine(EngineConfig([
+        ModelConfig("slm", str(tiny_paths["qwen2"]), dtype="float32", block_size=4, kv_cache_mb=4),
+        ModelConfig("llm", str(tiny_paths["llama"]), dtype="float32", block_size=4, kv_cache_mb=4, max_model_len=8),
+    ]))
+    r = R2R(engine, "slm", "llm", [ForcedDecider()], llm_prefill=llm_prefill)
+    with pytest.raises(InvalidRequestError, match="prompt.*12 tokens.*within 8"):
+        r.add_request("long", list(range(5, 17)), GREEDY, threshold=0.5)
+    out = r.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), threshold=0.5)
+    assert len(out[0].token_ids) == 4
+    assert not engine.requests and not r.states and not r.awaiting_llm
+    assert all(s["free_blocks"] == s["num_blocks"] for s in engine.stats().values())
+
+
 def test_bad_route_parameters(tiny_paths):
     r = r2r(tiny_paths)
     for bad in (-0.1, 1.5, float("nan")):
