@@ -84,7 +84,7 @@ class R2R:
                 raise InvalidRequestError("llm", f"{slm!r} and {llm!r} do not share special tokens")
         self.states: dict[str, RouteState] = {}
         self.shadows: dict[str, RouteState] = {}
-        self.awaiting_llm: dict[str, str] = {}   # eager: SLM request -> its shadow, until the shadow has prefilled
+        self.awaiting_llm: set[str] = set()      # eager: SLM requests whose shadow has not read the prompt yet
         engine.add_policy(slm, DeferredPolicy(self._score_slm_step, self._on_slm_step))
         if self.llm is not None:
             engine.add_policy(llm, self._on_llm_step)
@@ -110,16 +110,10 @@ class R2R:
         self.states[request_id] = state
         try:
             seq = self.engine.add_request(request_id, prompt, params, self.slm.name, priority, cache_salt=cache_salt,
-                                          paused=self.eager)
+                                          paused=self.eager, max_len=self.max_len)
         except Exception:
             self.states.pop(request_id, None)
             raise
-        if len(seq.token_ids) >= self.max_len:
-            self.states.pop(request_id, None)
-            self.engine.abort(request_id)
-            raise InvalidRequestError("prompt", f"{len(seq.token_ids)} tokens leave no room to generate within "
-                                      f"{self.max_len} tokens (the shorter context of the two models)")
-        seq.max_len = min(seq.max_len, self.max_len)
         seq.stats = state.stats()
         if self.eager:
             self.engine.call(lambda: self._start_eagerly(seq, state))
@@ -199,7 +193,7 @@ class R2R:
         if len(seq.token_ids) > 1:
             try:
                 self._start_llm(seq, state, sample=False, immediate=True)
-                self.awaiting_llm[seq.request_id] = state.llm_rid
+                self.awaiting_llm.add(seq.request_id)
                 return
             except InvalidRequestError:
                 pass
@@ -207,12 +201,11 @@ class R2R:
 
     def _start_prefilled(self) -> None:
         """Eager: let each SLM request go once its shadow has read the prompt (or is gone)."""
-        for slm_rid, llm_rid in list(self.awaiting_llm.items()):
-            shadow = self.engine.requests.get(llm_rid)
+        for slm_rid in list(self.awaiting_llm):
+            shadow = self.engine.requests.get(self.states[slm_rid].llm_rid)
             if shadow is None or shadow.num_uncomputed == 0:
-                del self.awaiting_llm[slm_rid]
-                if slm_rid in self.engine.requests:
-                    self.engine.resume(slm_rid)
+                self.awaiting_llm.discard(slm_rid)
+                self.engine.resume(slm_rid)
 
     def _flush(self) -> None:
         """Hand off the pending rows together once there are enough of them, one has waited too long, or
@@ -284,7 +277,7 @@ class R2R:
         return PolicyDecision(hold=hold)
 
     def _on_retire(self, seq: Sequence) -> None:
-        self.awaiting_llm.pop(seq.request_id, None)
+        self.awaiting_llm.discard(seq.request_id)
         state = self.states.pop(seq.request_id, None)
         if state is not None:
             if self.shadows.pop(state.llm_rid, None) is not None:

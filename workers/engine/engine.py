@@ -91,23 +91,26 @@ class Engine:
         immediate: bool = False,
         vocab_limit: int | None = None,
         paused: bool = False,
+        max_len: int | None = None,
     ) -> Sequence:
         """With `propose_only`, each sampled token is streamed as a proposal and not appended: the
         sequence then waits for `extend`; `vocab_limit` keeps its proposals below that id (for a model whose
         vocabulary is padded beyond its partner's). `immediate` adds it at once (only on the engine's thread).
-        `paused`: it starts only when `resume`d."""
+        `paused`: it starts only when `resume`d. `max_len`: a tighter bound on its length than the model's own
+        (a pipeline whose partner model has a shorter context)."""
         rm = self.model(model)
         params = params or SamplingParams()
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id", "must be a non-empty string")
         token_ids = self._tokens(rm, prompt)
-        max_len = rm.max_len
-        if len(token_ids) >= max_len:
+        limit = rm.max_len if max_len is None else min(rm.max_len, max_len)
+        if len(token_ids) >= limit:
+            bound = "" if max_len is None else f", pipeline {max_len}"
             raise InvalidRequestError(
-                "prompt", f"{len(token_ids)} tokens leave no room to generate within {max_len} tokens "
-                f"(model context {rm.runner.max_model_len}, KV pool {rm.blocks.num_blocks * rm.blocks.block_size})")
+                "prompt", f"{len(token_ids)} tokens leave no room to generate within {limit} tokens "
+                f"(model context {rm.runner.max_model_len}, KV pool {rm.blocks.num_blocks * rm.blocks.block_size}{bound})")
         seq = Sequence(request_id, rm.name, token_ids, params, Priority(priority), sample, cache_salt)
-        seq.max_len = max_len
+        seq.max_len = limit
         seq.propose_only = propose_only
         if vocab_limit:
             if not 0 < vocab_limit <= rm.runner.spec.vocab_size:
