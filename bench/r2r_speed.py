@@ -225,8 +225,8 @@ def main() -> None:
               "torch": torch.__version__, "slm": args.slm, "llm": args.llm,
               "router": {"width": args.router_width, "depth": args.router_depth}, "rows": []}
     shares = [float(s) for s in args.shares.split(",")]
+    modes = {"lazy": [False], "eager": [True], "both": [False, True]}[args.llm_prefill]
     for batch in (int(b) for b in args.batches.split(",")):
-        modes = {"lazy": [False], "eager": [True], "both": [False, True]}[args.llm_prefill]
         configs = [("llm", 0.0, 1, True, False), ("slm", 0.0, 1, True, False)]
         configs += [("r2r", s, 1, True, e) for s in shares for e in modes]
         configs += [("r2r", s, 1, False, e) for s in shares if args.ab_overlap and s == 0.13 for e in modes]
