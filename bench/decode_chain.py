@@ -22,7 +22,7 @@ sys.path.insert(0, args.root)
 import torch  # noqa: E402
 
 from gpu_timing import replay_ms  # noqa: E402
-from kernels.triton_decode import decode_attention, num_splits_for  # noqa: E402
+from tandem_kernels.triton_decode import decode_attention, num_splits_for  # noqa: E402
 
 PAGE, LAYERS, HEADS, KV_HEADS, D, MAX_MODEL_LEN = 16, 24, 14, 2, 64, 32768
 

@@ -1,4 +1,4 @@
-"""Batch-1 linear layers at the Qwen2.5 shapes: the Triton GEMV (`kernels/triton_gemv.py`) over a sweep of
+"""Batch-1 linear layers at the Qwen2.5 shapes: the Triton GEMV (`tandem_kernels/triton_gemv.py`) over a sweep of
 tile configurations, beside cuBLAS (`F.linear`) in the same run. Bandwidth = weight bytes / time.
 Then the fused variants beside the launches they replace, each over the same sweep: `norm_gemv` for qkv
 against `add_rmsnorm` + `gemv`; for gate_up, with the gated epilogue, against `add_rmsnorm` + `gemv` +
@@ -52,7 +52,7 @@ def us(fn, reps: int = 200) -> float:
 
 
 def main() -> None:
-    from kernels.triton_gemv import config_for, gemv
+    from tandem_kernels.triton_gemv import config_for, gemv
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
@@ -99,7 +99,7 @@ def main() -> None:
 
 
 def cold_rows(shapes: list[str]) -> list[dict]:
-    from kernels.triton_gemv import config_for, epilogue_pays, gemv, norm_gemv, prologue_pays
+    from tandem_kernels.triton_gemv import config_for, epilogue_pays, gemv, norm_gemv, prologue_pays
 
     rows = []
     for shape, layer, (n, k), norm, act in (
@@ -141,9 +141,9 @@ def cold_rows(shapes: list[str]) -> list[dict]:
 
 
 def fused_rows() -> list[dict]:
-    from kernels.triton_act import act_mul
-    from kernels.triton_gemv import config_for, gemv, norm_gemv
-    from kernels.triton_norm_rope import add_rmsnorm
+    from tandem_kernels.triton_act import act_mul
+    from tandem_kernels.triton_gemv import config_for, gemv, norm_gemv
+    from tandem_kernels.triton_norm_rope import add_rmsnorm
 
     rows = []
     for shape, (qkv, _, gate_up, _) in SHAPES.items():

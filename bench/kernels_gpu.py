@@ -24,8 +24,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from gpu_timing import replay_ms  # noqa: E402
-from kernels.triton_decode import decode_attention, num_splits_for  # noqa: E402
-from kernels.triton_extend import extend_attention  # noqa: E402
+from tandem_kernels.triton_decode import decode_attention, num_splits_for  # noqa: E402
+from tandem_kernels.triton_extend import extend_attention  # noqa: E402
 
 PAGE = 16
 DT = torch.bfloat16

@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_timing import capture, replay_ms  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
-from kernels.triton_topk import top_values  # noqa: E402
+import tandem_kernels as kernels  # noqa: E402
+from tandem_kernels import reference  # noqa: E402
+from tandem_kernels.triton_topk import top_values  # noqa: E402
 from routing.router import Router, RouterConfig, RouterGraphs  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import kernels
+import tandem_kernels as kernels
 from tandem.errors import TandemError
 from workers.models.packed_linear import can_pack, pack_linears
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+import tandem_kernels as kernels
 from tandem.errors import InvalidRequestError
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.sequence import Sequence

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from kernels import reference as ref  # noqa: E402
-from kernels.triton_decode import decode_attention  # noqa: E402
-from kernels.triton_extend import extend_attention  # noqa: E402
-from kernels.triton_act import ACTS, act_mul  # noqa: E402
-from kernels.triton_kv import rope_store_kv, store_kv  # noqa: E402
-from kernels.triton_norm_rope import add_rmsnorm, rotary_  # noqa: E402
+from tandem_kernels import reference as ref  # noqa: E402
+from tandem_kernels.triton_decode import decode_attention  # noqa: E402
+from tandem_kernels.triton_extend import extend_attention  # noqa: E402
+from tandem_kernels.triton_act import ACTS, act_mul  # noqa: E402
+from tandem_kernels.triton_kv import rope_store_kv, store_kv  # noqa: E402
+from tandem_kernels.triton_norm_rope import add_rmsnorm, rotary_  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
@@ -209,7 +209,7 @@ def test_act_mul(dtype, activation, rows, inner):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,k,bias", [(1, 64, False), (37, 96, True), (300, 1100, True), (9, 4864, False)])
 def test_gemv_is_linear(dtype, n, k, bias):
-    from kernels.triton_gemv import gemv
+    from tandem_kernels.triton_gemv import gemv
 
     w = (torch.randn(n, k) / k**0.5).to(dtype).to(DEV)
     b = torch.randn(n).to(dtype).to(DEV) if bias else None
@@ -223,7 +223,7 @@ def test_gemv_is_linear(dtype, n, k, bias):
 @pytest.mark.parametrize("n,k,bias,offset,with_residual", [(37, 96, True, False, True), (37, 96, False, True, False),
                                                            (300, 1100, False, False, True), (4100, 896, True, True, True)])
 def test_norm_gemv_is_add_rmsnorm_then_linear(dtype, n, k, bias, offset, with_residual):
-    from kernels.triton_gemv import norm_gemv
+    from tandem_kernels.triton_gemv import norm_gemv
 
     w = (torch.randn(n, k) / k**0.5).to(dtype).to(DEV)
     b = torch.randn(n).to(dtype).to(DEV) if bias else None
@@ -243,7 +243,7 @@ def test_norm_gemv_is_add_rmsnorm_then_linear(dtype, n, k, bias, offset, with_re
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation,n,k,norm", [(a, 37, 96, False) for a in ACTS] + [("silu", 700, 1100, True)])
 def test_gated_gemv_is_linear_then_act_mul(dtype, activation, n, k, norm):
-    from kernels.triton_gemv import gemv, norm_gemv
+    from tandem_kernels.triton_gemv import gemv, norm_gemv
 
     w = (torch.randn(2 * n, k) / k**0.5).to(dtype).to(DEV)
     x = torch.randn(1, k).to(dtype).to(DEV)
@@ -260,7 +260,7 @@ def test_gated_gemv_is_linear_then_act_mul(dtype, activation, n, k, norm):
                                             (0, 200, 4, 64)])
 def test_top_values_is_topk(dtype, rows, n, k, chunk):
     """Exact, whatever the number of rounds: one chunk (n ≤ chunk) up to three (1000 → 256 → 64 → k)."""
-    from kernels.triton_topk import top_values
+    from tandem_kernels.triton_topk import top_values
 
     x = torch.randn(rows, n).to(dtype)
     if rows:
@@ -272,7 +272,7 @@ def test_top_values_is_topk(dtype, rows, n, k, chunk):
 
 
 def test_top_values_reads_a_row_stride():
-    from kernels.triton_topk import top_values
+    from tandem_kernels.triton_topk import top_values
 
     x = torch.randn(3, 400).to(DEV)[:, :300]
     assert torch.equal(top_values(x, 10, chunk=64), ref.top_values_ref(x, 10))

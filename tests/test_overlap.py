@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from conftest import make_engine
 
-import kernels
+import tandem_kernels as kernels
 from workers.engine import SamplingParams
 from workers.engine.outputs import RequestOutput
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kernels.metadata import AttentionMetadata
+from tandem_kernels.metadata import AttentionMetadata
 
 if TYPE_CHECKING:
     from workers.engine.model_runner import ModelRunner

@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-import kernels
+import tandem_kernels as kernels
 from workers.engine.config import ModelConfig
 from workers.engine.cuda_graph import DecodeGraphs
 from workers.engine.scheduler import ScheduledSeq
@@ -74,7 +74,7 @@ class ModelRunner:
     def num_splits(self, batch: int) -> int:
         if self.device.type != "cuda":
             return 1
-        from kernels.triton_decode import num_splits_for
+        from tandem_kernels.triton_decode import num_splits_for
 
         return num_splits_for(batch, self.spec.num_kv_heads, self.max_model_len, self.num_sms)
 

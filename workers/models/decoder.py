@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import kernels
-from kernels import AttentionMetadata
+import tandem_kernels as kernels
+from tandem_kernels import AttentionMetadata
 from workers.models.layers import GatedMLP, RMSNorm, apply_rotary, rotary_rows
 from workers.models.spec import ModelSpec
 

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_tile import LOG2E, attend_tile
+from tandem_kernels.triton_tile import LOG2E, attend_tile
 
 
 @triton.jit
@@ -80,7 +80,7 @@ def _decode_combine_kernel(part_ptr, lse_ptr, len_ptr, o_ptr, stride_ob, stride_
         m_new = tl.maximum(m, tl.max(lse, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - m_safe)
-        w = tl.math.exp2(lse - m_safe)   # base-2 log-sum-exps (kernels/triton_tile.py)
+        w = tl.math.exp2(lse - m_safe)   # base-2 log-sum-exps (tandem_kernels/triton_tile.py)
         out = out * alpha + tl.sum(part * w[:, None], 0)
         total = total * alpha + tl.sum(w, 0)
         m = m_new

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_act import ACTS, act_times
+from tandem_kernels.triton_act import ACTS, act_times
 
 
 @triton.jit

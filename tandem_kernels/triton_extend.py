@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_tile import LOG2E, attend_tile
+from tandem_kernels.triton_tile import LOG2E, attend_tile
 
 
 @triton.jit
