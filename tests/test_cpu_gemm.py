@@ -75,3 +75,24 @@ def test_threads_follow_torch(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, cpu_gemm.linear(x, packed, 512))
+
+
+def _probe(env: dict) -> str:
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, logging; logging.basicConfig(); from workers.models.packed_linear import PackedLinear;"
+            "print(PackedLinear.from_linear(torch.nn.Linear(32, 48, dtype=torch.bfloat16), shared=True).kernel)")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip() + "|" + out.stderr
+
+
+def test_switched_off_or_unbuildable_falls_back_to_onednn(tmp_path):
+    assert _probe({"TANDEM_CPU_GEMM": "0"}).startswith("onednn|")
+    failed = _probe({"CXX": "false", "TANDEM_HOME": str(tmp_path)})     # a compiler that always fails
+    assert failed.startswith("onednn|") and "did not build" in failed
+    assert _probe({"TANDEM_HOME": str(tmp_path)}).startswith("tiles|")
+    assert list((tmp_path / "build").glob("cpu_gemm-*.so"))
