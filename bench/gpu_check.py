@@ -131,10 +131,10 @@ def check_r2r(slm_path: Path, llm_path: Path) -> dict:
     from routing.r2r import R2R
     from workers.engine import Engine, EngineConfig, ModelConfig, SamplingParams
 
-    def pair(device, overlap=True):
+    def pair(device, overlap=True, llm_stream=True):
         models = [ModelConfig(n, str(p), dtype="float32", device=device, kv_cache_mb=256, max_graph_batch=64)
                   for n, p in (("slm", slm_path), ("llm", llm_path))]
-        return R2R(Engine(EngineConfig(models, overlap=overlap)), "slm", "llm", [ForcedDecider()])
+        return R2R(Engine(EngineConfig(models, overlap=overlap)), "slm", "llm", [ForcedDecider()], llm_stream=llm_stream)
 
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 384, (n,), generator=g).tolist() for n in (7, 40, 1, 90)]
@@ -161,7 +161,10 @@ def check_r2r(slm_path: Path, llm_path: Path) -> dict:
     res["mixed_cuda_equals_cpu"] = mixed == [o.token_ids for o in pair("cpu").generate(prompts, greedy, threshold=0.8)]
     sync = pair("cuda", overlap=False)
     res["mixed_overlapped_equals_one_step_at_a_time"] = mixed == [o.token_ids for o in sync.generate(prompts, greedy, threshold=0.8)]
-    res["all_blocks_free"] = all(s["free_blocks"] == s["num_blocks"] for e in (r.engine, sync.engine) for s in e.stats().values())
+    one = pair("cuda", llm_stream=False)
+    res["mixed_llm_on_slm_stream_equal"] = mixed == [o.token_ids for o in one.generate(prompts, greedy, threshold=0.8)]
+    res["all_blocks_free"] = all(s["free_blocks"] == s["num_blocks"] for e in (r.engine, sync.engine, one.engine)
+                                 for s in e.stats().values())
     return res
 
 

@@ -12,6 +12,7 @@ Per request: decode tokens/s after the first token (1 / per-token time); aggrega
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import statistics
 import sys
@@ -79,7 +80,7 @@ def build(args) -> R2R:
 
 
 def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: float = 0.0, seed: int = 0,
-        min_rows: int = 1, overlap: bool = True, eager: bool = False) -> dict:
+        min_rows: int = 1, overlap: bool = True, eager: bool = False, llm_stream: bool = True) -> dict:
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True, detokenize=False)
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(100, 20000, (prompt_len,), generator=g).tolist() for _ in range(batch)]
@@ -89,12 +90,15 @@ def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: fl
     r2r.llm_min_rows = min_rows
     r2r.eager = eager
     r2r.engine.config.overlap = overlap
+    set_llm_stream(r2r, llm_stream and kind == "r2r")
     chained = r2r.engine.models["slm"].chained_steps
+    faulthandler.dump_traceback_later(60, exit=True)     # a stalled run ends the call with every stack
     if kind == "r2r":
         outs = r2r.generate(prompts, params, threshold=1.0 - share)
     else:
         outs = r2r.engine.generate(prompts, params, model=kind)
     sync()
+    faulthandler.cancel_dump_traceback_later()
     wall = time.perf_counter() - t0
     per_token = statistics.mean(o.timings["per_token_s"] for o in outs)
     row = {"kind": kind, "batch": batch, "tokens": tokens, "prompt_len": prompt_len,
@@ -102,6 +106,8 @@ def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: fl
            "ttft_ms": round(1e3 * statistics.mean(o.timings["ttft_s"] for o in outs), 2), "wall_s": round(wall, 3)}
     if not overlap:
         row["overlap"] = False
+    if kind == "r2r" and not llm_stream:
+        row["llm_stream"] = False
     if kind != "llm":
         row["slm_chained_steps"] = r2r.engine.models["slm"].chained_steps - chained
     if kind == "r2r":
@@ -112,6 +118,16 @@ def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: fl
         row["router_ms_per_token"] = round(1e3 * sum(o.stats["router_s"] for o in outs) / (batch * tokens), 4)
         row["llm_ms_per_token"] = round(1e3 * sum(o.stats["llm_s"] for o in outs) / (batch * tokens), 4)
     return row
+
+
+_OWN_STREAMS: dict = {}
+
+
+def set_llm_stream(r2r: R2R, on: bool) -> None:
+    """The LLM on the stream of its own that R2R gave it (the default), or on the SLM's."""
+    llm = r2r.engine.models["llm"]
+    own = _OWN_STREAMS.setdefault(id(r2r), llm.stream)
+    llm.stream = own if on else None
 
 
 def host_time(r2r: R2R, kind: str, args) -> dict:
@@ -205,6 +221,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="measured runs of each configuration")
     ap.add_argument("--stall-dump", type=float, default=0, help="dump every thread's stack after this many seconds")
     ap.add_argument("--ab-overlap", action="store_true", help="also R2R at 13%% with SLM steps not overlapped")
+    ap.add_argument("--ab-llm-stream", action="store_true", help="also R2R at 13%% with the LLM on the SLM's stream "
+                    "(the default is a stream of its own)")
     ap.add_argument("--profile", action="store_true", help="cProfile one batch-1 R2R run at 13%%")
     ap.add_argument("--llm-prefill", default="lazy", choices=["lazy", "eager", "both"],
                     help="when the LLM reads the prompt: at the first hand-off (lazy) or at arrival (eager)")
@@ -227,16 +245,17 @@ def main() -> None:
     shares = [float(s) for s in args.shares.split(",")]
     modes = {"lazy": [False], "eager": [True], "both": [False, True]}[args.llm_prefill]
     for batch in (int(b) for b in args.batches.split(",")):
-        configs = [("llm", 0.0, 1, True, False), ("slm", 0.0, 1, True, False)]
-        configs += [("r2r", s, 1, True, e) for s in shares for e in modes]
-        configs += [("r2r", s, 1, False, e) for s in shares if args.ab_overlap and s == 0.13 for e in modes]
+        configs = [("llm", 0.0, 1, True, False, True), ("slm", 0.0, 1, True, False, True)]
+        configs += [("r2r", s, 1, True, e, True) for s in shares for e in modes]
+        configs += [("r2r", s, 1, False, e, True) for s in shares if args.ab_overlap and s == 0.13 for e in modes]
+        configs += [("r2r", s, 1, True, e, False) for s in shares if args.ab_llm_stream and s == 0.13 for e in modes]
         if batch >= 8:
-            configs += [("r2r", s, batch // 4, True, e) for s in shares for e in modes]
-        for kind, share, min_rows, overlap, eager in configs:
-            run(r2r, kind, batch, args.tokens, args.prompt_len, share, 1, min_rows, overlap, eager)  # warm-up
+            configs += [("r2r", s, batch // 4, True, e, True) for s in shares for e in modes]
+        for kind, share, min_rows, overlap, eager, stream in configs:
+            run(r2r, kind, batch, args.tokens, args.prompt_len, share, 1, min_rows, overlap, eager, stream)  # warm-up
             for _ in range(args.repeat):
                 row = run(r2r, kind, batch, args.tokens, args.prompt_len, share, 2 + len(report["rows"]), min_rows,
-                          overlap, eager)
+                          overlap, eager, stream)
                 report["rows"].append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     if args.profile:

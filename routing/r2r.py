@@ -59,10 +59,14 @@ class RouteState:
 
 class R2R:
     def __init__(self, engine: Engine, slm: str, llm: str | None, deciders: Iterable[Decider], default: str = "",
-                 llm_min_rows: int = 1, llm_max_wait_steps: int = 4, llm_prefill: str = "lazy"):
+                 llm_min_rows: int = 1, llm_max_wait_steps: int = 4, llm_prefill: str = "lazy",
+                 llm_stream: bool = True):
         """Co-located, flagged rows wait (held) until `llm_min_rows` of them are pending, or the oldest has
         waited `llm_max_wait_steps` steps, so the LLM runs on bigger batches while the other rows go on.
-        `llm_prefill`: "lazy" (the LLM sees the prompt at the first hand-off) or "eager" (at arrival)."""
+        `llm_prefill`: "lazy" (the LLM sees the prompt at the first hand-off) or "eager" (at arrival).
+        `llm_stream` (CUDA): the LLM's work goes on a stream of its own, so a catch-up runs beside the SLM
+        step already launched on the token it replaces instead of behind it (each model's graphs are
+        captured on their own stream, so the two never share a cuBLAS workspace)."""
         if llm_prefill not in ("lazy", "eager"):
             raise InvalidRequestError("llm_prefill", f'must be "lazy" or "eager", got {llm_prefill!r}')
         self.engine = engine
@@ -82,6 +86,8 @@ class R2R:
             slm_spec, llm_spec = self.slm.runner.spec, self.llm.runner.spec
             if slm_spec.eos_token_ids != llm_spec.eos_token_ids:
                 raise InvalidRequestError("llm", f"{slm!r} and {llm!r} do not share special tokens")
+        if llm_stream and self.llm is not None and self.llm.runner.device.type == "cuda":
+            self.llm.stream = torch.cuda.Stream(self.llm.runner.device)
         self.states: dict[str, RouteState] = {}
         self.shadows: dict[str, RouteState] = {}
         self.awaiting_llm: set[str] = set()      # eager: SLM requests whose shadow has not read the prompt yet

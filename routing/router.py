@@ -144,12 +144,13 @@ class RouterGraphs:
         self.probs = torch.zeros(n, dtype=torch.float32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = None
+        self.capture_stream = torch.cuda.Stream(dev)     # its own cuBLAS workspace (see DecodeGraphs)
         for b in reversed(self.BUCKETS):
             for _ in range(2):
                 self._forward(b)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=self.capture_stream):
                 self._forward(b)
             pool = graph.pool()
             self.graphs[b] = graph

@@ -202,6 +202,7 @@ def test_router_for_another_hidden_size_is_refused(tiny_paths, tmp_path):
     ({"decider": "router"}, "decider"),
     ({"min_threshold": 0.8, "max_threshold": 0.2}, "min_threshold"),
     ({"llm_prefill": "sometimes"}, "llm_prefill"),
+    ({"llm_stream": "sometimes"}, "llm_stream"),
 ])
 def test_bad_r2r_sections_name_the_key(tiny_paths, r2r, key):
     with pytest.raises(ConfigError) as e:

@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--r2r", type=json.loads, default=None,
                     help='JSON {"slm": NAME, "llm": NAME or null, "router": DIR or null, "decider": NAME, "seed": N, '
-                         '"llm_prefill": "lazy" or "eager"}')
+                         '"llm_prefill": "lazy" or "eager", "llm_stream": BOOL}')
     ap.add_argument("--c2c", type=json.loads, default=None,
                     help='JSON {"receiver": NAME, "sharers": {NAME: {"checkpoint": DIR, "path": MODEL_PATH}}, '
                          '"mode": "sequential" or "parallel"}')
@@ -78,7 +78,7 @@ def build_r2r(engine, spec: dict):
         deciders.append(RouterDecider(router))
     deciders += [EntropyDecider(), RandomDecider(int(spec.get("seed", 0))), ForcedDecider()]
     return R2R(engine, spec["slm"], spec.get("llm") or None, deciders, spec.get("decider", ""),
-               llm_prefill=spec.get("llm_prefill", "lazy"))
+               llm_prefill=spec.get("llm_prefill", "lazy"), llm_stream=bool(spec.get("llm_stream", True)))
 
 
 def build_c2c(engine, spec: dict):

@@ -34,6 +34,8 @@ class R2RConfig(BaseModel):
     llm_prefill: Literal["lazy", "eager"] = Field(
         "lazy", description='co-located: "lazy", the LLM reads the prompt at the first hand-off (fastest first '
         'token); "eager", it prefills the prompt when the request arrives (no prompt-long stall mid-stream)')
+    llm_stream: bool = Field(True, description="co-located on CUDA: the LLM's work on a CUDA stream of its "
+                             "own, so a hand-off's catch-up runs beside the SLM step already launched")
 
     @model_validator(mode="after")
     def _defaults(self) -> R2RConfig:
@@ -66,7 +68,8 @@ class R2RConfig(BaseModel):
         if self.slm not in hosted:
             return None
         return {"slm": self.slm, "llm": self.llm if self.llm in hosted else None, "router": self.router,
-                "decider": self.decider, "seed": self.seed, "llm_prefill": self.llm_prefill}
+                "decider": self.decider, "seed": self.seed, "llm_prefill": self.llm_prefill,
+                "llm_stream": self.llm_stream}
 
 
 class R2RParams(Params):

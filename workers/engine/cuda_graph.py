@@ -36,6 +36,10 @@ class DecodeGraphs:
         self.hidden = torch.zeros((n, runner.spec.hidden_size), dtype=runner.dtype, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
+        # A capture stream of our own: torch gives cuBLAS one workspace per (handle, stream) and a graph
+        # bakes in the one of the stream it was captured on, so graphs captured on the shared default
+        # capture stream must never replay at once (two models on two streams would share split-K space).
+        self.capture_stream = torch.cuda.Stream(dev)
         # Two pinned staging buffers, used in turn: an overlapped step (see `overlap`) fills one while the
         # copies out of the other may still be queued behind the step before it.
         self._tables = [torch.zeros((n, self.max_blocks), dtype=torch.int32, pin_memory=True) for _ in range(2)]
@@ -71,7 +75,7 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         gc.collect()   # no garbage may be freed inside the capture (a pinned buffer's release records an event)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.capture_stream):
             self._forward(b, fb)
         self.pool = graph.pool()
         self.graphs[b] = graph

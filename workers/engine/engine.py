@@ -1,6 +1,7 @@
 """The Engine: resident models, each with its KV pool and scheduler, stepped in one loop."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -38,6 +39,10 @@ class ResidentModel:
     in_flight: InFlight | None = None
     chained_steps: int = 0
     host_copies: HostCopies = field(default_factory=HostCopies)
+    stream: torch.cuda.Stream | None = None     # this model's device work, when not on the current stream
+
+    def on_stream(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
     @property
     def tokenizer(self):
@@ -228,11 +233,13 @@ class Engine:
             inbox, self._inbox = self._inbox, deque()
         if inbox:
             for rm in self.models.values():
-                self._land(rm)
+                with rm.on_stream():
+                    self._land(rm)
         for fn in inbox:
             fn()
         for rm in self.models.values():
-            self._step_model(rm)
+            with rm.on_stream():
+                self._step_model(rm)
         for hook in self.step_hooks:
             hook()
         outputs, self._outbox = self._outbox, []
