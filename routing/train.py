@@ -34,7 +34,7 @@ class TrainConfig:
     width: int = 256
     depth: int = 2
     dropout: float = 0.1
-    lr: float = 5e-5
+    lr: float = 5e-4
     weight_decay: float = 5e-4
     batch: int = 1024
     epochs: int = 50
@@ -209,6 +209,7 @@ def train_router(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict:
                         llm=Path(manifest.get("llm", "")).name)
     router = Router(rcfg, embedding)
     trainer = Trainer(cfg, data, embedding, echo)
+    router.fit_standardization(trainer.inputs(train_idx[at : at + cfg.batch]) for at in range(0, len(train_idx), cfg.batch))
     history = trainer.fit(router, train_idx, val_idx, pos_weight)
     calib_idx, calib_set = val_idx, "validation"
     if int(data.y[val_idx].sum()) == 0:

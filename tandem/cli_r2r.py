@@ -68,7 +68,7 @@ def train_cmd(
     width: int = typer.Option(256, "--width", min=1),
     depth: int = typer.Option(2, "--depth", min=0),
     dropout: float = typer.Option(0.1, "--dropout", min=0.0, max=1.0),
-    lr: float = typer.Option(5e-5, "--lr"),
+    lr: float = typer.Option(5e-4, "--lr"),
     weight_decay: float = typer.Option(5e-4, "--weight-decay"),
     batch: int = typer.Option(1024, "--batch", min=1),
     epochs: int = typer.Option(50, "--epochs", min=1),

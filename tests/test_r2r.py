@@ -163,6 +163,44 @@ def test_router_checkpoint_round_trip_and_size_check(tiny_paths, tmp_path):
         Router.load(tmp_path / "nothing", emb)
 
 
+def test_router_standardises_its_inputs_with_the_training_statistics(tiny_paths, tmp_path):
+    engine = pair_engine(tiny_paths)
+    router = tiny_router(engine)
+    g = torch.Generator().manual_seed(0)
+    batches = [(3 + 50 * torch.randn(32, 64, generator=g), torch.randn(32, 64, generator=g),
+                torch.randn(32, 16, generator=g).sort(-1, descending=True).values) for _ in range(4)]
+    router.fit_standardization(batches)
+    x = torch.cat([router.inputs(*b) for b in batches])
+    z = (x - router.feature_mean) / router.feature_std
+    torch.testing.assert_close(z.mean(0), torch.zeros(x.shape[1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(x.shape[1]), atol=1e-4, rtol=0)
+    # the top-k logits enter as log-probabilities over the top k: a shift of every logit changes nothing
+    h, emb, topk = batches[0]
+    torch.testing.assert_close(router(h, emb, topk + 7.0), router(h, emb, topk))
+    router.save(tmp_path / "router")
+    loaded = Router.load(tmp_path / "router", engine.models["slm"].runner.model.model.embed_tokens.weight)
+    torch.testing.assert_close(loaded.feature_std, router.feature_std)
+    torch.testing.assert_close(loaded(h, emb, topk), router(h, emb, topk))
+
+
+def test_router_checkpoint_from_before_the_feature_keys_loads_as_raw(tmp_path):
+    import json
+
+    old = Router(RouterConfig(hidden_size=64, top_k=16, width=32, depth=1, logit_features="raw", standardize=False)).eval()
+    old.save(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "router.json").read_text())
+    del cfg["logit_features"], cfg["standardize"]
+    (tmp_path / "old" / "router.json").write_text(json.dumps(cfg))
+    loaded = Router.load(tmp_path / "old")
+    assert loaded.config.logit_features == "raw" and not loaded.config.standardize
+    h, emb, topk = torch.randn(2, 64), torch.randn(2, 64), torch.randn(2, 16)
+    torch.testing.assert_close(loaded(h, emb, topk), old(h, emb, topk))
+    cfg["logit_features"] = "softmax"
+    (tmp_path / "old" / "router.json").write_text(json.dumps(cfg))
+    with pytest.raises(RouterCheckpointError, match="logit_features"):
+        Router.load(tmp_path / "old")
+
+
 def test_router_packed_for_cpu_serving_scores_as_before(tiny_paths):
     engine = pair_engine(tiny_paths)
     router = tiny_router(engine)
