@@ -22,10 +22,11 @@ def pair_engine(paths, **kw) -> Engine:
     ], **kw))
 
 
-def tiny_router(engine: Engine) -> Router:
+def tiny_router(engine: Engine, **config) -> Router:
     torch.manual_seed(0)
     slm = engine.models["slm"].runner
-    config = RouterConfig(hidden_size=slm.spec.hidden_size, top_k=16, width=32, depth=1, threshold=0.5)
+    config = RouterConfig(**{"hidden_size": slm.spec.hidden_size, "top_k": 16, "width": 32, "depth": 1, "threshold": 0.5,
+                             **config})
     return Router(config, slm.model.model.embed_tokens.weight.detach()).eval()
 
 
