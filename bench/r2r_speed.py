@@ -92,7 +92,8 @@ def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: fl
     r2r.engine.config.overlap = overlap
     set_llm_stream(r2r, llm_stream and kind == "r2r")
     chained = r2r.engine.models["slm"].chained_steps
-    faulthandler.dump_traceback_later(60, exit=True)     # a stalled run ends the call with every stack
+    if STALL_S:
+        faulthandler.dump_traceback_later(STALL_S, exit=True)     # a stalled run ends the call with every stack
     if kind == "r2r":
         outs = r2r.generate(prompts, params, threshold=1.0 - share)
     else:
@@ -120,14 +121,12 @@ def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: fl
     return row
 
 
-_OWN_STREAMS: dict = {}
+STALL_S = 60.0
 
 
 def set_llm_stream(r2r: R2R, on: bool) -> None:
     """The LLM on the stream of its own that R2R gave it (the default), or on the SLM's."""
-    llm = r2r.engine.models["llm"]
-    own = _OWN_STREAMS.setdefault(id(r2r), llm.stream)
-    llm.stream = own if on else None
+    r2r.llm.stream = r2r.llm_stream if on else None
 
 
 def host_time(r2r: R2R, kind: str, args) -> dict:
@@ -204,6 +203,7 @@ def profile(r2r: R2R, args) -> dict:
 
 
 def main() -> None:
+    global STALL_S
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--slm", default="qwen2.5-0.5b")
@@ -219,7 +219,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=1, help="measured runs of each configuration")
-    ap.add_argument("--stall-dump", type=float, default=0, help="dump every thread's stack after this many seconds")
+    ap.add_argument("--stall-dump", type=float, default=STALL_S,
+                    help="a run longer than this many seconds ends the call with every thread's stack (0: never)")
     ap.add_argument("--ab-overlap", action="store_true", help="also R2R at 13%% with SLM steps not overlapped")
     ap.add_argument("--ab-llm-stream", action="store_true", help="also R2R at 13%% with the LLM on the SLM's stream "
                     "(the default is a stream of its own)")
@@ -228,16 +229,13 @@ def main() -> None:
                     help="when the LLM reads the prompt: at the first hand-off (lazy) or at arrival (eager)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    STALL_S = args.stall_dump
     if args.device == "cpu":
         from tandem.assets import resolve
 
         args.slm_path, args.llm_path = str(resolve(args.slm_path)), str(resolve(args.llm_path))
         args.slm_kv_mb, args.llm_kv_mb = min(args.slm_kv_mb, 256), min(args.llm_kv_mb, 512)
         args.slm, args.llm = Path(args.slm_path).name, Path(args.llm_path).name
-    if args.stall_dump:
-        import faulthandler
-
-        faulthandler.dump_traceback_later(args.stall_dump, repeat=True)
     r2r = build(args)
     report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "torch": torch.__version__, "slm": args.slm, "llm": args.llm,

@@ -86,8 +86,10 @@ class R2R:
             slm_spec, llm_spec = self.slm.runner.spec, self.llm.runner.spec
             if slm_spec.eos_token_ids != llm_spec.eos_token_ids:
                 raise InvalidRequestError("llm", f"{slm!r} and {llm!r} do not share special tokens")
-        if llm_stream and self.llm is not None and self.llm.runner.device.type == "cuda":
-            self.llm.stream = torch.cuda.Stream(self.llm.runner.device)
+        self.llm_stream = (torch.cuda.Stream(self.llm.runner.device)
+                           if llm_stream and self.llm is not None and self.llm.runner.device.type == "cuda" else None)
+        if self.llm_stream is not None:
+            self.llm.stream = self.llm_stream
         self.states: dict[str, RouteState] = {}
         self.shadows: dict[str, RouteState] = {}
         self.awaiting_llm: set[str] = set()      # eager: SLM requests whose shadow has not read the prompt yet

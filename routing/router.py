@@ -4,7 +4,7 @@ probability that the SLM's token diverges from the LLM's path. Checkpoint: safet
 Inside, the top-k logits are taken as log-probabilities over the top k (so the SLM's confidence is a
 feature, not only the gaps between logits), and every input feature is standardised with the training
 set's mean and spread (the SLM's hidden states have a few dimensions hundreds of times larger than the
-rest); both raised validation recall at 10-20% LLM tokens by 4-6 points (docs/r2r.md)."""
+rest); both raised validation recall at 10-20% LLM tokens by 4-5 points (docs/r2r.md)."""
 from __future__ import annotations
 
 import json
