@@ -80,7 +80,8 @@ def build(args) -> R2R:
 
 
 def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: float = 0.0, seed: int = 0,
-        min_rows: int = 1, overlap: bool = True, eager: bool = False, llm_stream: bool = True) -> dict:
+        min_rows: int = 1, overlap: bool = True, eager: bool = False, llm_stream: bool = True,
+        policy_stream: bool = True) -> dict:
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True, detokenize=False)
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(100, 20000, (prompt_len,), generator=g).tolist() for _ in range(batch)]
@@ -91,6 +92,7 @@ def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: fl
     r2r.eager = eager
     r2r.engine.config.overlap = overlap
     set_llm_stream(r2r, llm_stream and kind == "r2r")
+    set_policy_stream(r2r, policy_stream)
     chained = r2r.engine.models["slm"].chained_steps
     if STALL_S:
         faulthandler.dump_traceback_later(STALL_S, exit=True)     # a stalled run ends the call with every stack
@@ -109,6 +111,8 @@ def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: fl
         row["overlap"] = False
     if kind == "r2r" and not llm_stream:
         row["llm_stream"] = False
+    if kind == "r2r" and not policy_stream:
+        row["policy_stream"] = False
     if kind != "llm":
         row["slm_chained_steps"] = r2r.engine.models["slm"].chained_steps - chained
     if kind == "r2r":
@@ -122,6 +126,15 @@ def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: fl
 
 
 STALL_S = 60.0
+
+
+def set_policy_stream(r2r: R2R, on: bool) -> None:
+    """The router on a stream of its own, beside the next SLM step (the default on CUDA), or on the SLM's."""
+    slm = r2r.engine.models["slm"]
+    if not on:
+        slm.policy_stream = None
+    elif slm.policy_stream is None and slm.runner.device.type == "cuda":
+        slm.policy_stream = torch.cuda.Stream(slm.runner.device)
 
 
 def set_llm_stream(r2r: R2R, on: bool) -> None:
@@ -224,6 +237,8 @@ def main() -> None:
     ap.add_argument("--ab-overlap", action="store_true", help="also R2R at 13%% with SLM steps not overlapped")
     ap.add_argument("--ab-llm-stream", action="store_true", help="also R2R at 13%% with the LLM on the SLM's stream "
                     "(the default is a stream of its own)")
+    ap.add_argument("--ab-policy-stream", action="store_true", help="also R2R at 13%% with the router on the SLM's "
+                    "stream, behind the next step (the default is a stream of its own, beside it)")
     ap.add_argument("--profile", action="store_true", help="cProfile one batch-1 R2R run at 13%%")
     ap.add_argument("--llm-prefill", default="lazy", choices=["lazy", "eager", "both"],
                     help="when the LLM reads the prompt: at the first hand-off (lazy) or at arrival (eager)")
@@ -243,17 +258,21 @@ def main() -> None:
     shares = [float(s) for s in args.shares.split(",")]
     modes = {"lazy": [False], "eager": [True], "both": [False, True]}[args.llm_prefill]
     for batch in (int(b) for b in args.batches.split(",")):
-        configs = [("llm", 0.0, 1, True, False, True), ("slm", 0.0, 1, True, False, True)]
-        configs += [("r2r", s, 1, True, e, True) for s in shares for e in modes]
-        configs += [("r2r", s, 1, False, e, True) for s in shares if args.ab_overlap and s == 0.13 for e in modes]
-        configs += [("r2r", s, 1, True, e, False) for s in shares if args.ab_llm_stream and s == 0.13 for e in modes]
+        configs = [("llm", 0.0, 1, True, False, True, True), ("slm", 0.0, 1, True, False, True, True)]
+        configs += [("r2r", s, 1, True, e, True, True) for s in shares for e in modes]
+        configs += [("r2r", s, 1, False, e, True, True) for s in shares if args.ab_overlap and s == 0.13 for e in modes]
+        configs += [("r2r", s, 1, True, e, False, True) for s in shares if args.ab_llm_stream and s == 0.13
+                    for e in modes]
+        configs += [("r2r", s, 1, True, e, True, False) for s in shares if args.ab_policy_stream and s == 0.13
+                    for e in modes]
         if batch >= 8:
-            configs += [("r2r", s, batch // 4, True, e, True) for s in shares for e in modes]
-        for kind, share, min_rows, overlap, eager, stream in configs:
-            run(r2r, kind, batch, args.tokens, args.prompt_len, share, 1, min_rows, overlap, eager, stream)  # warm-up
+            configs += [("r2r", s, batch // 4, True, e, True, True) for s in shares for e in modes]
+        for kind, share, min_rows, overlap, eager, stream, policy in configs:
+            run(r2r, kind, batch, args.tokens, args.prompt_len, share, 1, min_rows, overlap, eager, stream,
+                policy)  # warm-up
             for _ in range(args.repeat):
                 row = run(r2r, kind, batch, args.tokens, args.prompt_len, share, 2 + len(report["rows"]), min_rows,
-                          overlap, eager, stream)
+                          overlap, eager, stream, policy)
                 report["rows"].append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     if args.profile:

@@ -34,6 +34,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     overlap: bool = True                  # CUDA: launch the next decode step before reading this one's tokens
+    policy_stream: bool = True            # CUDA: a step's deferred policies (R2R's router) run beside the next step
 
     def __post_init__(self) -> None:
         if not self.models:

@@ -40,6 +40,7 @@ class ResidentModel:
     chained_steps: int = 0
     host_copies: HostCopies = field(default_factory=HostCopies)
     stream: torch.cuda.Stream | None = None     # this model's device work, when not on the current stream
+    policy_stream: torch.cuda.Stream | None = None   # its deferred policies' device work (see `InFlight.prepare`)
 
     def on_stream(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
@@ -65,7 +66,9 @@ class Engine:
             runner = ModelRunner(loaded, mc)
             blocks = BlockManager(runner.num_blocks, mc.block_size, config.enable_prefix_caching)
             sched = Scheduler(blocks, config.max_num_batched_tokens, config.max_num_seqs)
-            self.models[mc.name] = ResidentModel(mc.name, runner, blocks, sched, [])
+            self.models[mc.name] = rm = ResidentModel(mc.name, runner, blocks, sched, [])
+            if config.policy_stream and runner.device.type == "cuda":
+                rm.policy_stream = torch.cuda.Stream(runner.device)
         self.default_model = config.models[0].name
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Sequence] = {}

@@ -54,8 +54,22 @@ class InFlight:
         return self.host_tokens.tolist()
 
     def prepare(self, rm: ResidentModel) -> None:
-        """Run the deferred policies' device halves on this step's device tokens and send their rows home."""
-        view = StepView(rm.name, self.seqs, self.hidden, self.logits, self.tokens)
+        """Run the deferred policies' device halves on this step's device tokens and send their rows home.
+        With the model's `policy_stream` they run on it, beside the next step, which is launched right after
+        and needs only the tokens; the hidden state is copied first, as that step's graph rewrites it."""
+        side = rm.policy_stream
+        if side is None:
+            self._prepare(rm, self.hidden)
+            return
+        hidden = self.hidden.clone()
+        side.wait_stream(torch.cuda.current_stream(side.device))
+        for t in (hidden, self.logits, self.tokens):
+            t.record_stream(side)
+        with torch.cuda.stream(side):
+            self._prepare(rm, hidden)
+
+    def _prepare(self, rm: ResidentModel, hidden: torch.Tensor) -> None:
+        view = StepView(rm.name, self.seqs, hidden, self.logits, self.tokens)
         self.prepared = []
         for k, policy in enumerate(rm.policies):
             rows = policy.prepare(view) if isinstance(policy, DeferredPolicy) else None
