@@ -64,7 +64,8 @@ class InFlight:
         hidden = self.hidden.clone()
         side.wait_stream(torch.cuda.current_stream(side.device))
         for t in (hidden, self.logits, self.tokens):
-            t.record_stream(side)
+            if t.is_cuda:
+                t.record_stream(side)
         with torch.cuda.stream(side):
             self._prepare(rm, hidden)
 
