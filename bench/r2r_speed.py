@@ -17,6 +17,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,9 +80,33 @@ def build(args) -> R2R:
     return R2R(engine, "slm", "llm", [ForcedRouter(router)])
 
 
-def run(r2r: R2R, kind: str, batch: int, tokens: int, prompt_len: int, share: float = 0.0, seed: int = 0,
-        min_rows: int = 1, overlap: bool = True, eager: bool = False, llm_stream: bool = True,
-        policy_stream: bool = True) -> dict:
+@dataclass(frozen=True)
+class Setting:
+    """One measured configuration: the system, R2R's forced share, and the knobs an A/B turns off."""
+
+    kind: str
+    share: float = 0.0
+    min_rows: int = 1
+    overlap: bool = True
+    eager: bool = False
+    llm_stream: bool = True
+    policy_stream: bool = True
+
+
+def settings(batch: int, shares: list[float], modes: list[bool], args) -> list[Setting]:
+    """LLM and SLM alone, R2R at each share; the A/Bs at 13% only; at batch >= 8 also LLM batches of batch/4."""
+    out = [Setting("llm"), Setting("slm")] + [Setting("r2r", s, eager=e) for s in shares for e in modes]
+    ab = [(s, e) for s in shares if s == 0.13 for e in modes]
+    out += [Setting("r2r", s, eager=e, overlap=False) for s, e in ab if args.ab_overlap]
+    out += [Setting("r2r", s, eager=e, llm_stream=False) for s, e in ab if args.ab_llm_stream]
+    out += [Setting("r2r", s, eager=e, policy_stream=False) for s, e in ab if args.ab_policy_stream]
+    if batch >= 8:
+        out += [Setting("r2r", s, eager=e, min_rows=batch // 4) for s in shares for e in modes]
+    return out
+
+
+def run(r2r: R2R, setting: Setting, batch: int, tokens: int, prompt_len: int, seed: int = 0) -> dict:
+    kind, share, min_rows, overlap, eager, llm_stream, policy_stream = astuple(setting)
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True, detokenize=False)
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(100, 20000, (prompt_len,), generator=g).tolist() for _ in range(batch)]
@@ -169,7 +194,7 @@ def host_time(r2r: R2R, kind: str, args) -> dict:
     r2r.engine.step = counted
     try:
         t0 = time.perf_counter()
-        run(r2r, kind, 1, args.tokens, args.prompt_len, 0.13)
+        run(r2r, Setting(kind, 0.13), 1, args.tokens, args.prompt_len)
         wall = time.perf_counter() - t0
     finally:
         for n, fn in originals.items():
@@ -203,7 +228,7 @@ def profile(r2r: R2R, args) -> dict:
         prof = cProfile.Profile()
         prof.enable()
         t0 = time.perf_counter()
-        run(r2r, kind, 1, args.tokens, args.prompt_len, 0.13)
+        run(r2r, Setting(kind, 0.13), 1, args.tokens, args.prompt_len)
         out[f"{kind}_profiled_wall_s"] = round(time.perf_counter() - t0, 3)
         prof.disable()
         buf = io.StringIO()
@@ -258,21 +283,10 @@ def main() -> None:
     shares = [float(s) for s in args.shares.split(",")]
     modes = {"lazy": [False], "eager": [True], "both": [False, True]}[args.llm_prefill]
     for batch in (int(b) for b in args.batches.split(",")):
-        configs = [("llm", 0.0, 1, True, False, True, True), ("slm", 0.0, 1, True, False, True, True)]
-        configs += [("r2r", s, 1, True, e, True, True) for s in shares for e in modes]
-        configs += [("r2r", s, 1, False, e, True, True) for s in shares if args.ab_overlap and s == 0.13 for e in modes]
-        configs += [("r2r", s, 1, True, e, False, True) for s in shares if args.ab_llm_stream and s == 0.13
-                    for e in modes]
-        configs += [("r2r", s, 1, True, e, True, False) for s in shares if args.ab_policy_stream and s == 0.13
-                    for e in modes]
-        if batch >= 8:
-            configs += [("r2r", s, batch // 4, True, e, True, True) for s in shares for e in modes]
-        for kind, share, min_rows, overlap, eager, stream, policy in configs:
-            run(r2r, kind, batch, args.tokens, args.prompt_len, share, 1, min_rows, overlap, eager, stream,
-                policy)  # warm-up
+        for setting in settings(batch, shares, modes, args):
+            run(r2r, setting, batch, args.tokens, args.prompt_len, seed=1)  # warm-up
             for _ in range(args.repeat):
-                row = run(r2r, kind, batch, args.tokens, args.prompt_len, share, 2 + len(report["rows"]), min_rows,
-                          overlap, eager, stream, policy)
+                row = run(r2r, setting, batch, args.tokens, args.prompt_len, seed=2 + len(report["rows"]))
                 report["rows"].append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     if args.profile:
