@@ -1,5 +1,10 @@
 """`tandem r2r train`: fit the router on labels from `tandem r2r label` (weighted BCE, early stopping on
-validation loss), then calibrate its threshold at a target recall of divergent tokens."""
+validation loss), then calibrate its threshold at a target recall of divergent tokens.
+
+Two training targets. `divergent`: the judged labels (divergent 1; identical and neutral 0). `mismatch`: every
+position where the SLM's token differs from the LLM's is a positive, the judged-divergent ones weighted
+`divergent_weight` times, and every position with features counts, judged or not. Either way the threshold is
+calibrated on the recall of judged-divergent tokens."""
 from __future__ import annotations
 
 import copy
@@ -42,16 +47,30 @@ class TrainConfig:
     target_recall: float = 0.95
     val_fraction: float = 0.2
     seed: int = 0
+    target: str = "divergent"
+    divergent_weight: float = 5.0     # target "mismatch" only
+
+
+TARGETS = ("divergent", "mismatch")
 
 
 @dataclass
 class Dataset:
     feats: Features
-    y: torch.Tensor        # [N] float, 1 = divergent
+    y: torch.Tensor          # [N] float: the training target
+    weight: torch.Tensor     # [N] float: each row's weight in the loss
+    divergent: torch.Tensor  # [N] int64: judged divergent 1, identical or neutral 0, not judged -1
+
+    def pos_weight(self, idx: torch.Tensor) -> float:
+        """Balances the positives' total weight against the negatives' over `idx`."""
+        w, y = self.weight[idx], self.y[idx]
+        return float((w * (1 - y)).sum() / (w * y).sum())
 
 
-def load_dataset(labels_dir: str | Path) -> Dataset:
-    """Rows with a label: identical and neutral (0), divergent (1); dropped and capped ones are left out."""
+def load_dataset(labels_dir: str | Path, target: str = "divergent", divergent_weight: float = 5.0) -> Dataset:
+    """`divergent`: the rows with a label (dropped and capped ones left out). `mismatch`: every row."""
+    if target not in TARGETS:
+        raise TrainError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     lines = read_jsonl(Path(labels_dir) / LABELS)
     feats = load_features(labels_dir)
     if not lines or feats is None:
@@ -65,9 +84,14 @@ def load_dataset(labels_dir: str | Path) -> Dataset:
         for p in line["divergent"]:
             label[(line["index"], p)] = 1
     keys = zip(feats.item.tolist(), feats.pos.tolist())
-    y = torch.tensor([label.get(k, -1) for k in keys], dtype=torch.float32)
-    keep = y >= 0
-    return Dataset(feats.select(keep), y[keep])
+    divergent = torch.tensor([label.get(k, -1) for k in keys], dtype=torch.int64)
+    if target == "divergent":
+        keep = divergent >= 0
+        y = divergent[keep].float()
+        return Dataset(feats.select(keep), y, torch.ones_like(y), divergent[keep])
+    y = (feats.token != feats.target).float()
+    weight = torch.where(divergent == 1, divergent_weight, 1.0)
+    return Dataset(feats, y, weight, divergent)
 
 
 def split_by_item(items: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,10 +117,11 @@ def slm_embedding(path: str | Path) -> torch.Tensor:
     return load_model(path, "float32").model.model.embed_tokens.weight.detach()
 
 
-def calibrate(probs: torch.Tensor, y: torch.Tensor, target: float) -> dict:
-    """Over GRID: recall of divergent tokens and the share sent to the LLM; the chosen threshold is the one
-    with the lowest share among those reaching the target recall (the lowest threshold if none does)."""
-    positives = y.bool()
+def calibrate(probs: torch.Tensor, divergent: torch.Tensor, target: float) -> dict:
+    """Over GRID: recall of divergent tokens (`divergent` == 1) and the share of all tokens sent to the LLM;
+    the chosen threshold is the one with the lowest share among those reaching the target recall (the lowest
+    threshold if none does)."""
+    positives = divergent == 1
     recall, share = [], []
     for t in GRID:
         pred = probs >= t
@@ -145,11 +170,19 @@ class Trainer:
             for at in range(0, len(idx), self.cfg.batch):
                 logits.append(router(*self.inputs(idx[at : at + self.cfg.batch])))
         logits = torch.cat(logits) if logits else torch.zeros(0)
-        return float(loss_fn(logits, self.data.y[idx])), torch.sigmoid(logits)
+        return float(loss_fn(logits, idx)), torch.sigmoid(logits)
+
+    def loss_fn(self, pos_weight: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """Weighted BCE of the router's logits over rows `idx`: each row's weight, positives times `pos_weight`."""
+        def loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            y = self.data.y[idx]
+            w = self.data.weight[idx] * torch.where(y > 0, pos_weight, 1.0)
+            return (nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none") * w).mean()
+        return loss
 
     def fit(self, router: Router, train_idx: torch.Tensor, val_idx: torch.Tensor, pos_weight: float) -> list[dict]:
         cfg = self.cfg
-        loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight))
+        loss_fn = self.loss_fn(pos_weight)
         opt = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         gen = torch.Generator().manual_seed(cfg.seed)
         best, best_state, since, history = math.inf, copy.deepcopy(router.state_dict()), 0, []
@@ -161,7 +194,7 @@ class Trainer:
             for at in tqdm(range(0, len(order), cfg.batch), total=steps, desc=f"epoch {epoch}", leave=False,
                            disable=steps < 4):
                 idx = order[at : at + cfg.batch]
-                loss = loss_fn(router(*self.inputs(idx)), self.data.y[idx])
+                loss = loss_fn(router(*self.inputs(idx)), idx)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -183,26 +216,27 @@ class Trainer:
 
 
 def train_router(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict:
-    data = load_dataset(cfg.labels)
+    data = load_dataset(cfg.labels, cfg.target, cfg.divergent_weight)
     manifest = json.loads((Path(cfg.labels) / MANIFEST).read_text()) if (Path(cfg.labels) / MANIFEST).is_file() else {}
     if manifest.get("slm") and Path(manifest["slm"]).resolve() != Path(cfg.slm).resolve():
         echo(f"warning: the labels were made with SLM {manifest['slm']}, training with {cfg.slm}")
-    n1 = int(data.y.sum())
+    n1 = int((data.divergent == 1).sum())
     if n1 == 0:
-        raise TrainError(f"no divergent labels in {cfg.labels} ({len(data.y)} labelled tokens): nothing to learn; "
-                         "label more items (a wider --items range) or use another judge")
+        raise TrainError(f"no divergent labels in {cfg.labels} ({int((data.divergent >= 0).sum())} labelled tokens): "
+                         "nothing to learn; label more items (a wider --items range) or use another judge")
     embedding = slm_embedding(cfg.slm)
     hidden_size = data.feats.hidden.shape[1]
     if embedding.shape[1] != hidden_size:
         raise TrainError(f"the labels hold hidden states of size {hidden_size}, but {cfg.slm} has size {embedding.shape[1]}")
     train_mask, val_mask = split_by_item(data.feats.item, cfg.val_fraction, cfg.seed)
     train_idx, val_idx = train_mask.nonzero().flatten(), val_mask.nonzero().flatten()
-    t1 = int(data.y[train_idx].sum())
-    if t1 == 0:
+    if int((data.divergent[train_idx] == 1).sum()) == 0:
         raise TrainError(f"the training split of {cfg.labels} has no divergent labels ({n1} in all); label more items")
-    pos_weight = (len(train_idx) - t1) / t1
-    echo(f"{len(data.y)} labelled tokens ({n1} divergent) from {len(data.feats.item.unique())} items; "
-         f"train {len(train_idx)}, validation {len(val_idx)}; pos_weight {pos_weight:.2f}")
+    pos_weight = data.pos_weight(train_idx)
+    echo(f"{int((data.divergent >= 0).sum())} labelled tokens ({n1} divergent) from "
+         f"{len(data.feats.item[data.divergent >= 0].unique())} items; target {cfg.target}: {len(data.y)} rows "
+         f"({int(data.y.sum())} positive) from {len(data.feats.item.unique())} items; train {len(train_idx)}, "
+         f"validation {len(val_idx)}; pos_weight {pos_weight:.2f}")
     torch.manual_seed(cfg.seed)
     rcfg = RouterConfig(hidden_size=hidden_size, top_k=data.feats.topk.shape[1], width=cfg.width, depth=cfg.depth,
                         dropout=cfg.dropout, slm=Path(manifest.get("slm", cfg.slm)).name,
@@ -212,12 +246,13 @@ def train_router(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict:
     router.fit_standardization(trainer.inputs(train_idx[at : at + cfg.batch]) for at in range(0, len(train_idx), cfg.batch))
     history = trainer.fit(router, train_idx, val_idx, pos_weight)
     calib_idx, calib_set = val_idx, "validation"
-    if int(data.y[val_idx].sum()) == 0:
-        echo("warning: the validation split has no divergent labels; calibrating on all labelled tokens")
+    if int((data.divergent[val_idx] == 1).sum()) == 0:
+        echo("warning: the validation split has no divergent labels; calibrating on all tokens")
         calib_idx, calib_set = torch.arange(len(data.y)), "all"
-    _, probs = trainer.loss_over(router, calib_idx, nn.BCEWithLogitsLoss())
-    calibration = calibrate(probs, data.y[calib_idx], cfg.target_recall)
-    calibration.update(set=calib_set, tokens=len(calib_idx), positives=int(data.y[calib_idx].sum()))
+    _, probs = trainer.loss_over(router, calib_idx, trainer.loss_fn(pos_weight))
+    calibration = calibrate(probs, data.divergent[calib_idx], cfg.target_recall)
+    calibration.update(set=calib_set, tokens=len(calib_idx), positives=int((data.divergent[calib_idx] == 1).sum()),
+                       target=cfg.target)
     if not calibration["reached"]:
         echo(f"warning: no threshold reaches recall {cfg.target_recall}; using {calibration['threshold']}")
     rcfg.threshold, rcfg.calibration = calibration["threshold"], calibration

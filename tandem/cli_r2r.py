@@ -76,14 +76,21 @@ def train_cmd(
     target_recall: float = typer.Option(0.95, "--target-recall", min=0.0, max=1.0),
     val_fraction: float = typer.Option(0.2, "--val-fraction", min=0.0, max=1.0),
     seed: int = typer.Option(0, "--seed"),
+    target: str = typer.Option("divergent", "--target",
+                               help="divergent: the judged labels; mismatch: every token where the SLM's differs "
+                                    "from the LLM's, the judged-divergent ones weighted --divergent-weight times."),
+    divergent_weight: float = typer.Option(5.0, "--divergent-weight", min=1.0),
 ) -> None:
     """Train the router (weighted BCE, early stopping) and calibrate its threshold at a target recall."""
-    from routing.train import TrainConfig, train_router
+    from routing.train import TARGETS, TrainConfig, train_router
 
     _existing("--labels", labels)
+    if target not in TARGETS:
+        fail(f"--target: must be one of {', '.join(TARGETS)}, got {target!r}")
     cfg = TrainConfig(labels=labels, slm=model_option("--slm", slm), out=str(out), width=width, depth=depth,
                       dropout=dropout, lr=lr, weight_decay=weight_decay, batch=batch, epochs=epochs,
-                      patience=patience, target_recall=target_recall, val_fraction=val_fraction, seed=seed)
+                      patience=patience, target_recall=target_recall, val_fraction=val_fraction, seed=seed,
+                      target=target, divergent_weight=divergent_weight)
     try:
         train_router(cfg, typer.echo)
     except TandemError as e:

@@ -21,7 +21,7 @@ from routing.judge import (
 from routing.labels import cap
 from routing.router import Router
 from routing.teacher_force import teacher_force
-from routing.train import calibrate
+from routing.train import calibrate, load_dataset
 from tandem.cli import app
 from tandem.datasets import MathItem
 from workers.engine import (
@@ -219,6 +219,18 @@ def test_label_then_train_end_to_end(pair, data, tmp_path):
     assert len(router.config.calibration["curve"]["recall"]) == 99
     assert router.config.slm == "slm" and router.config.llm == "llm"
     assert (ckpt / "calibration.png").stat().st_size > 0
+
+    data = load_dataset(parity, "mismatch", 3.0)
+    assert len(data.y) == tokens and torch.equal(data.y, (data.feats.token != data.feats.target).float())
+    assert bool((data.y[data.divergent == 1] == 1).all()) and set(data.weight.tolist()) <= {1.0, 3.0}
+    mm = tmp_path / "router-mismatch"
+    r = runner.invoke(app, ["r2r", "train", "--labels", str(parity), "--slm", str(pair[0]), "--out", str(mm),
+                            "--width", "32", "--depth", "1", "--epochs", "2", "--target", "mismatch"])
+    assert r.exit_code == 0, r.output
+    assert Router.load(mm, slm_hidden_size=64).config.calibration["target"] == "mismatch"
+    r = runner.invoke(app, ["r2r", "train", "--labels", str(parity), "--slm", str(pair[0]), "--out", str(mm),
+                            "--target", "entropy"])
+    assert r.exit_code == 2 and "--target" in r.output
 
 
 def test_answer_judge_label_run(pair, data, tmp_path):
