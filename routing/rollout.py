@@ -1,0 +1,141 @@
+"""`tandem r2r rollout`: on-policy router data. R2R with a trained router answers the training prompts; the SLM
+and the LLM are teacher-forced on those answers, so every position gets the SLM's features and argmax and the
+LLM's argmax, in the contexts the router meets when it serves (mostly the SLM's own text). The rows carry no
+judge label; `tandem r2r train --target mismatch` trains on them beside judged labels. Stages, each resumable
+per item under `out`: answers (R2R greedy) -> teacher forcing (both models)."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from routing import features as feats
+from routing.deciders import RouterDecider
+from routing.labels import ANSWERS, TEACHER, LabelError, append_jsonl, check_manifest, read_jsonl
+from routing.r2r import R2R
+from routing.router import Router
+from routing.teacher_force import teacher_force
+from tandem.datasets import GSM8K_STOP, MathItem, gsm8k, gsm8k_prompt
+from workers.chat import encode
+from workers.engine import Engine, EngineConfig, ModelConfig, RequestOutput, SamplingParams
+
+
+@dataclass
+class RolloutConfig:
+    slm: str
+    llm: str
+    router: str
+    out: str
+    threshold: float | None = None   # the router's calibrated threshold when None
+    data: str | None = None
+    start: int = 0
+    stop: int = 800
+    max_new_tokens: int = 256
+    batch_items: int = 16
+    dtype: str = "auto"
+    kv_cache_mb: float = 512.0
+    llm_min_rows: int = 8
+    token_budget: int = 4096
+
+    def fixed(self) -> dict:
+        keep = ("slm", "llm", "router", "threshold", "data", "max_new_tokens", "dtype")
+        return {"kind": "rollout", **{k: v for k, v in asdict(self).items() if k in keep}}
+
+
+class RolloutJob:
+    def __init__(self, cfg: RolloutConfig, echo: Callable[[str], None] = print):
+        self.cfg, self.echo, self.out = cfg, echo, Path(cfg.out)
+        self.engine: Engine | None = None
+        self.r2r: R2R | None = None
+        self.threshold = cfg.threshold
+
+    def run(self) -> dict:
+        items = gsm8k(self.cfg.start, self.cfg.stop, self.cfg.data)
+        check_manifest(self.cfg, self.out)
+        seconds = {}
+        for stage, path, fn in (("answers", ANSWERS, self._answers), ("teacher forcing", TEACHER, self._teacher)):
+            done = {r["index"] for r in read_jsonl(self.out / path)}
+            todo = [it for it in items if it.index not in done]
+            self.echo(f"{stage}: {len(items) - len(todo)} of {len(items)} items already done, {len(todo)} to go")
+            if stage == "teacher forcing":
+                feats.drop_orphans(self.out, done)
+            t0 = time.perf_counter()
+            if todo:
+                self._setup()
+                with tqdm(total=len(todo), desc=stage, unit="item") as bar:
+                    for at in range(0, len(todo), self.cfg.batch_items):
+                        fn(todo[at : at + self.cfg.batch_items])
+                        bar.update(min(self.cfg.batch_items, len(todo) - at))
+            seconds[stage] = time.perf_counter() - t0
+        rows = read_jsonl(self.out / TEACHER)
+        tokens = sum(r["num_tokens"] for r in rows)
+        mismatches = sum(len(r["mismatches"]) for r in rows)
+        answers = read_jsonl(self.out / ANSWERS)
+        llm = sum(a["sources"].count("llm") for a in answers)
+        result = {"items": len(rows), "tokens": tokens, "mismatches": mismatches,
+                  "mismatch_share": mismatches / tokens if tokens else 0.0,
+                  "llm_token_share": llm / max(1, sum(len(a["sources"]) for a in answers)),
+                  "seconds_this_run": seconds}
+        self.echo(f"rollout: {len(rows)} items, {tokens} tokens, {mismatches} SLM/LLM differences "
+                  f"({result['mismatch_share']:.1%}); R2R's LLM-token share {result['llm_token_share']:.1%}")
+        return result
+
+    def _setup(self) -> None:
+        if self.engine is not None:
+            return
+        cfg = self.cfg
+        models = [ModelConfig(name, path, dtype=cfg.dtype, kv_cache_mb=cfg.kv_cache_mb)
+                  for name, path in (("slm", cfg.slm), ("llm", cfg.llm))]
+        self.engine = Engine(EngineConfig(models, max_num_seqs=cfg.batch_items))
+        if self.engine.model("slm").tokenizer.get_vocab() != self.engine.model("llm").tokenizer.get_vocab():
+            raise LabelError(f"the SLM ({cfg.slm}) and the LLM ({cfg.llm}) do not share one tokenizer")
+        runner = self.engine.model("slm").runner
+        router = Router.load(cfg.router, runner.model.model.embed_tokens.weight.detach(),
+                             slm_hidden_size=runner.spec.hidden_size)
+        self.top_k = router.config.top_k
+        self.threshold = router.config.threshold if cfg.threshold is None else cfg.threshold
+        self.r2r = R2R(self.engine, "slm", "llm", [RouterDecider(router)], llm_min_rows=cfg.llm_min_rows)
+
+    def _answers(self, chunk: list[MathItem]) -> None:
+        tok = self.engine.model("slm").tokenizer
+        params = SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=0, stop=GSM8K_STOP)
+        pending: dict[str, tuple[MathItem, list[int], RequestOutput]] = {}
+        for it in chunk:
+            rid, prompt = f"rollout/{it.index}", encode(tok, gsm8k_prompt(it))
+            self.r2r.add_request(rid, prompt, params, decider="router", threshold=self.threshold)
+            pending[rid] = (it, prompt, RequestOutput(rid))
+        rows = []
+        while pending:
+            for out in self.engine.step():
+                if out.request_id in pending:
+                    it, prompt, acc = pending[out.request_id]
+                    acc.add(out)
+                    if out.finished:
+                        del pending[out.request_id]
+                        rows.append({"index": it.index, "prompt": prompt, "response": acc.token_ids,
+                                     "sources": acc.sources, "finish_reason": acc.finish_reason, "text": acc.text})
+        append_jsonl(self.out / ANSWERS, sorted(rows, key=lambda r: r["index"]))
+
+    def _teacher(self, chunk: list[MathItem]) -> None:
+        by_index = {r["index"]: r for r in read_jsonl(self.out / ANSWERS)}
+        rows = [by_index[it.index] for it in chunk]
+        prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+        slm = teacher_force(self.engine.model("slm"), prompts, responses, self.top_k, self.cfg.token_budget)
+        llm = teacher_force(self.engine.model("llm"), prompts, responses, 1, self.cfg.token_budget)
+        parts, lines = [], []
+        for r, s, g in zip(rows, slm, llm):
+            n = s.num_tokens
+            parts.append(feats.Features(s.hidden.half(), s.argmax, s.topk, g.argmax, torch.full((n,), r["index"]),
+                                        torch.arange(n)))
+            miss = (s.argmax != g.argmax).nonzero().flatten().tolist()
+            lines.append({"index": r["index"], "num_tokens": n, "mismatches": [[p, int(s.argmax[p])] for p in miss]})
+        feats.write_shard(self.out, feats.Features.cat(parts))
+        append_jsonl(self.out / TEACHER, lines)
+
+
+def run_rollout(cfg: RolloutConfig, echo: Callable[[str], None] = print) -> dict:
+    return RolloutJob(cfg, echo).run()
