@@ -84,6 +84,15 @@ def check_manifest(cfg: LabelConfig, out: Path) -> None:
     path.write_text(json.dumps(cfg.fixed(), indent=2))
 
 
+def pair_engine(slm: str, llm: str, dtype: str, kv_cache_mb: float, **engine_options) -> Engine:
+    """One engine holding the SLM as "slm" and the LLM as "llm"; refused unless they share one tokenizer."""
+    models = [ModelConfig(name, path, dtype=dtype, kv_cache_mb=kv_cache_mb) for name, path in (("slm", slm), ("llm", llm))]
+    engine = Engine(EngineConfig(models, **engine_options))
+    if engine.model("slm").tokenizer.get_vocab() != engine.model("llm").tokenizer.get_vocab():
+        raise LabelError(f"the SLM ({slm}) and the LLM ({llm}) do not share one tokenizer")
+    return engine
+
+
 def cap(positions: list[int], limit: int) -> list[int]:
     """At most `limit` positions, spread evenly over the response."""
     if len(positions) <= limit:
@@ -125,14 +134,7 @@ class LabelJob:
                 bar.update(len(chunk))
 
     def _engine(self) -> Engine:
-        cfg = self.cfg
-        models = [ModelConfig(name, path, dtype=cfg.dtype, kv_cache_mb=cfg.kv_cache_mb)
-                  for name, path in (("slm", cfg.slm), ("llm", cfg.llm))]
-        engine = Engine(EngineConfig(models))
-        slm, llm = engine.model("slm").tokenizer, engine.model("llm").tokenizer
-        if slm.get_vocab() != llm.get_vocab():
-            raise LabelError(f"the SLM ({cfg.slm}) and the LLM ({cfg.llm}) do not share one tokenizer")
-        return engine
+        return pair_engine(self.cfg.slm, self.cfg.llm, self.cfg.dtype, self.cfg.kv_cache_mb)
 
     def _answers(self, chunk: list[MathItem]) -> None:
         tok = self.engine.model("llm").tokenizer

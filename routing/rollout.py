@@ -15,13 +15,13 @@ from tqdm import tqdm
 
 from routing import features as feats
 from routing.deciders import RouterDecider
-from routing.labels import ANSWERS, TEACHER, LabelError, append_jsonl, check_manifest, read_jsonl
+from routing.labels import ANSWERS, TEACHER, append_jsonl, check_manifest, pair_engine, read_jsonl
 from routing.r2r import R2R
 from routing.router import Router
 from routing.teacher_force import teacher_force
 from tandem.datasets import GSM8K_STOP, MathItem, gsm8k, gsm8k_prompt
 from workers.chat import encode
-from workers.engine import Engine, EngineConfig, ModelConfig, RequestOutput, SamplingParams
+from workers.engine import Engine, RequestOutput, SamplingParams
 
 
 @dataclass
@@ -88,11 +88,7 @@ class RolloutJob:
         if self.engine is not None:
             return
         cfg = self.cfg
-        models = [ModelConfig(name, path, dtype=cfg.dtype, kv_cache_mb=cfg.kv_cache_mb)
-                  for name, path in (("slm", cfg.slm), ("llm", cfg.llm))]
-        self.engine = Engine(EngineConfig(models, max_num_seqs=cfg.batch_items))
-        if self.engine.model("slm").tokenizer.get_vocab() != self.engine.model("llm").tokenizer.get_vocab():
-            raise LabelError(f"the SLM ({cfg.slm}) and the LLM ({cfg.llm}) do not share one tokenizer")
+        self.engine = pair_engine(cfg.slm, cfg.llm, cfg.dtype, cfg.kv_cache_mb, max_num_seqs=cfg.batch_items)
         runner = self.engine.model("slm").runner
         router = Router.load(cfg.router, runner.model.model.embed_tokens.weight.detach(),
                              slm_hidden_size=runner.spec.hidden_size)
