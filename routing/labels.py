@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from routing import features as feats
 from routing.judge import Case, CostBook, JudgeContext, StageCost, make_judge
-from routing.teacher_force import teacher_force
+from routing.teacher_force import Forced, teacher_force
 from tandem.datasets import GSM8K_STOP, MathItem, gsm8k, gsm8k_prompt
 from tandem.errors import TandemError
 from workers.chat import encode
@@ -93,6 +93,50 @@ def pair_engine(slm: str, llm: str, dtype: str, kv_cache_mb: float, **engine_opt
     return engine
 
 
+def run_stages(out: Path, items: list[MathItem], stages: list[tuple[str, str, Callable[[list[MathItem]], None]]],
+               batch_items: int, setup: Callable[[], None], echo: Callable[[str], None]) -> dict[str, float]:
+    """Each stage `(name, file, fn)` in order over the items its file does not yet record, `batch_items` at a time
+    (`setup` first, once there is work); feature shards an interrupted run left are removed before teacher
+    forcing. Seconds per stage."""
+    seconds = {}
+    for stage, path, fn in stages:
+        done = {r["index"] for r in read_jsonl(out / path)}
+        todo = [it for it in items if it.index not in done]
+        echo(f"{stage}: {len(items) - len(todo)} of {len(items)} items already done, {len(todo)} to go")
+        if path == TEACHER:
+            for p in feats.drop_orphans(out, done):
+                echo(f"removed {p.name}, left by an interrupted run")
+        t0 = time.perf_counter()
+        if todo:
+            setup()
+            with tqdm(total=len(todo), desc=stage, unit="item") as bar:
+                for at in range(0, len(todo), batch_items):
+                    chunk = todo[at : at + batch_items]
+                    fn(chunk)
+                    bar.update(len(chunk))
+        seconds[stage] = time.perf_counter() - t0
+    return seconds
+
+
+def answer_rows(out: Path, chunk: list[MathItem]) -> list[dict]:
+    by_index = {r["index"]: r for r in read_jsonl(out / ANSWERS)}
+    return [by_index[it.index] for it in chunk]
+
+
+def write_forced(out: Path, rows: list[dict], forced: list[Forced], targets: list[torch.Tensor]) -> None:
+    """One feature shard and the teacher lines for these answers: the SLM's teacher forcing `forced`, the LLM's
+    token at each position `targets`, and the positions where the SLM's argmax differs from it."""
+    parts, lines = [], []
+    for r, f, target in zip(rows, forced, targets):
+        n = f.num_tokens
+        parts.append(feats.Features(f.hidden.half(), f.argmax, f.topk, target, torch.full((n,), r["index"]),
+                                    torch.arange(n)))
+        miss = (f.argmax != target).nonzero().flatten().tolist()
+        lines.append({"index": r["index"], "num_tokens": n, "mismatches": [[p, int(f.argmax[p])] for p in miss]})
+    feats.write_shard(out, feats.Features.cat(parts))
+    append_jsonl(out / TEACHER, lines)
+
+
 def cap(positions: list[int], limit: int) -> list[int]:
     """At most `limit` positions, spread evenly over the response."""
     if len(positions) <= limit:
@@ -112,29 +156,14 @@ class LabelJob:
         cfg = self.cfg
         items = gsm8k(cfg.start, cfg.stop, cfg.data)
         check_manifest(cfg, self.out)
-        for stage, path, fn in (("answers", ANSWERS, self._answers), ("teacher forcing", TEACHER, self._teacher),
-                                ("judge", LABELS, self._judge)):
-            done = {r["index"] for r in read_jsonl(self.out / path)}
-            todo = [it for it in items if it.index not in done]
-            self.echo(f"{stage}: {len(items) - len(todo)} of {len(items)} items already done, {len(todo)} to go")
-            if stage == "teacher forcing":
-                for p in feats.drop_orphans(self.out, done):
-                    self.echo(f"removed {p.name}, left by an interrupted run")
-            if todo:
-                self._run_stage(stage, todo, fn)
+        stages = [("answers", ANSWERS, self._answers), ("teacher forcing", TEACHER, self._teacher),
+                  ("judge", LABELS, self._judge)]
+        run_stages(self.out, items, stages, cfg.batch_items, self._setup, self.echo)
         return self.finish()
 
-    def _run_stage(self, stage: str, todo: list[MathItem], fn) -> None:
+    def _setup(self) -> None:
         if self.engine is None:
-            self.engine = self._engine()
-        chunks = [todo[i : i + self.cfg.batch_items] for i in range(0, len(todo), self.cfg.batch_items)]
-        with tqdm(total=len(todo), desc=stage, unit="item") as bar:
-            for chunk in chunks:
-                fn(chunk)
-                bar.update(len(chunk))
-
-    def _engine(self) -> Engine:
-        return pair_engine(self.cfg.slm, self.cfg.llm, self.cfg.dtype, self.cfg.kv_cache_mb)
+            self.engine = pair_engine(self.cfg.slm, self.cfg.llm, self.cfg.dtype, self.cfg.kv_cache_mb)
 
     def _answers(self, chunk: list[MathItem]) -> None:
         tok = self.engine.model("llm").tokenizer
@@ -147,12 +176,8 @@ class LabelJob:
             {"index": it.index, "prompt": p, "response": o.token_ids, "finish_reason": o.finish_reason, "text": o.text}
             for it, p, o in zip(chunk, prompts, outs)])
 
-    def _answer_rows(self, chunk: list[MathItem]) -> list[dict]:
-        by_index = {r["index"]: r for r in read_jsonl(self.out / ANSWERS)}
-        return [by_index[it.index] for it in chunk]
-
     def _teacher(self, chunk: list[MathItem]) -> None:
-        rows = self._answer_rows(chunk)
+        rows = answer_rows(self.out, chunk)
         t0 = time.perf_counter()
         forced = teacher_force(self.engine.model("slm"), [r["prompt"] for r in rows], [r["response"] for r in rows],
                                self.cfg.top_k, self.cfg.token_budget)
@@ -160,21 +185,11 @@ class LabelJob:
         stage.seconds += time.perf_counter() - t0
         stage.requests += len(rows)
         stage.prefill_tokens += sum(len(r["prompt"]) + len(r["response"]) for r in rows)
-        parts, lines = [], []
-        for r, f in zip(rows, forced):
-            target = torch.tensor(r["response"], dtype=torch.long)
-            n = f.num_tokens
-            parts.append(feats.Features(f.hidden.half(), f.argmax, f.topk, target, torch.full((n,), r["index"]),
-                                        torch.arange(n)))
-            miss = (f.argmax != target).nonzero().flatten().tolist()
-            lines.append({"index": r["index"], "num_tokens": n,
-                          "mismatches": [[p, int(f.argmax[p])] for p in miss]})
-        feats.write_shard(self.out, feats.Features.cat(parts))
-        append_jsonl(self.out / TEACHER, lines)
+        write_forced(self.out, rows, forced, [torch.tensor(r["response"], dtype=torch.long) for r in rows])
 
     def _judge(self, chunk: list[MathItem]) -> None:
         cfg = self.cfg
-        answers = self._answer_rows(chunk)
+        answers = answer_rows(self.out, chunk)
         teacher = {r["index"]: r for r in read_jsonl(self.out / TEACHER)}
         cases, lines = [], []
         for it, a in zip(chunk, answers):

@@ -5,23 +5,19 @@ judge label; `tandem r2r train --target mismatch` trains on them beside judged l
 per item under `out`: answers (R2R greedy) -> teacher forcing (both models)."""
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
-from routing import features as feats
 from routing.deciders import RouterDecider
-from routing.labels import ANSWERS, TEACHER, append_jsonl, check_manifest, pair_engine, read_jsonl
+from routing.labels import (ANSWERS, TEACHER, answer_rows, append_jsonl, check_manifest, pair_engine, read_jsonl,
+                            run_stages, write_forced)
 from routing.r2r import R2R
 from routing.router import Router
 from routing.teacher_force import teacher_force
 from tandem.datasets import GSM8K_STOP, MathItem, gsm8k, gsm8k_prompt
 from workers.chat import encode
-from workers.engine import Engine, RequestOutput, SamplingParams
+from workers.engine import Engine, SamplingParams
 
 
 @dataclass
@@ -51,26 +47,12 @@ class RolloutJob:
         self.cfg, self.echo, self.out = cfg, echo, Path(cfg.out)
         self.engine: Engine | None = None
         self.r2r: R2R | None = None
-        self.threshold = cfg.threshold
 
     def run(self) -> dict:
         items = gsm8k(self.cfg.start, self.cfg.stop, self.cfg.data)
         check_manifest(self.cfg, self.out)
-        seconds = {}
-        for stage, path, fn in (("answers", ANSWERS, self._answers), ("teacher forcing", TEACHER, self._teacher)):
-            done = {r["index"] for r in read_jsonl(self.out / path)}
-            todo = [it for it in items if it.index not in done]
-            self.echo(f"{stage}: {len(items) - len(todo)} of {len(items)} items already done, {len(todo)} to go")
-            if stage == "teacher forcing":
-                feats.drop_orphans(self.out, done)
-            t0 = time.perf_counter()
-            if todo:
-                self._setup()
-                with tqdm(total=len(todo), desc=stage, unit="item") as bar:
-                    for at in range(0, len(todo), self.cfg.batch_items):
-                        fn(todo[at : at + self.cfg.batch_items])
-                        bar.update(min(self.cfg.batch_items, len(todo) - at))
-            seconds[stage] = time.perf_counter() - t0
+        stages = [("answers", ANSWERS, self._answers), ("teacher forcing", TEACHER, self._teacher)]
+        seconds = run_stages(self.out, items, stages, self.cfg.batch_items, self._setup, self.echo)
         rows = read_jsonl(self.out / TEACHER)
         tokens = sum(r["num_tokens"] for r in rows)
         mismatches = sum(len(r["mismatches"]) for r in rows)
@@ -93,44 +75,23 @@ class RolloutJob:
         router = Router.load(cfg.router, runner.model.model.embed_tokens.weight.detach(),
                              slm_hidden_size=runner.spec.hidden_size)
         self.top_k = router.config.top_k
-        self.threshold = router.config.threshold if cfg.threshold is None else cfg.threshold
         self.r2r = R2R(self.engine, "slm", "llm", [RouterDecider(router)], llm_min_rows=cfg.llm_min_rows)
 
     def _answers(self, chunk: list[MathItem]) -> None:
         tok = self.engine.model("slm").tokenizer
         params = SamplingParams(max_tokens=self.cfg.max_new_tokens, temperature=0, stop=GSM8K_STOP)
-        pending: dict[str, tuple[MathItem, list[int], RequestOutput]] = {}
-        for it in chunk:
-            rid, prompt = f"rollout/{it.index}", encode(tok, gsm8k_prompt(it))
-            self.r2r.add_request(rid, prompt, params, decider="router", threshold=self.threshold)
-            pending[rid] = (it, prompt, RequestOutput(rid))
-        rows = []
-        while pending:
-            for out in self.engine.step():
-                if out.request_id in pending:
-                    it, prompt, acc = pending[out.request_id]
-                    acc.add(out)
-                    if out.finished:
-                        del pending[out.request_id]
-                        rows.append({"index": it.index, "prompt": prompt, "response": acc.token_ids,
-                                     "sources": acc.sources, "finish_reason": acc.finish_reason, "text": acc.text})
-        append_jsonl(self.out / ANSWERS, sorted(rows, key=lambda r: r["index"]))
+        prompts = [encode(tok, gsm8k_prompt(it)) for it in chunk]
+        outs = self.r2r.generate(prompts, params, decider="router", threshold=self.cfg.threshold)
+        append_jsonl(self.out / ANSWERS, [
+            {"index": it.index, "prompt": p, "response": o.token_ids, "sources": o.sources,
+             "finish_reason": o.finish_reason, "text": o.text} for it, p, o in zip(chunk, prompts, outs)])
 
     def _teacher(self, chunk: list[MathItem]) -> None:
-        by_index = {r["index"]: r for r in read_jsonl(self.out / ANSWERS)}
-        rows = [by_index[it.index] for it in chunk]
+        rows = answer_rows(self.out, chunk)
         prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
         slm = teacher_force(self.engine.model("slm"), prompts, responses, self.top_k, self.cfg.token_budget)
         llm = teacher_force(self.engine.model("llm"), prompts, responses, 1, self.cfg.token_budget)
-        parts, lines = [], []
-        for r, s, g in zip(rows, slm, llm):
-            n = s.num_tokens
-            parts.append(feats.Features(s.hidden.half(), s.argmax, s.topk, g.argmax, torch.full((n,), r["index"]),
-                                        torch.arange(n)))
-            miss = (s.argmax != g.argmax).nonzero().flatten().tolist()
-            lines.append({"index": r["index"], "num_tokens": n, "mismatches": [[p, int(s.argmax[p])] for p in miss]})
-        feats.write_shard(self.out, feats.Features.cat(parts))
-        append_jsonl(self.out / TEACHER, lines)
+        write_forced(self.out, rows, slm, [g.argmax for g in llm])
 
 
 def run_rollout(cfg: RolloutConfig, echo: Callable[[str], None] = print) -> dict:
