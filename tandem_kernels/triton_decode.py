@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem_kernels.pdl import pdl_enter, pdl_launch, use_pdl
 from tandem_kernels.triton_tile import LOG2E, attend_tile
 
 
@@ -26,8 +27,9 @@ def _decode_split_kernel(
     stride_qb, stride_qh, stride_ob, stride_oh, stride_bt, scale, window,
     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_POS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -61,8 +63,9 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_combine_kernel(part_ptr, lse_ptr, len_ptr, o_ptr, stride_ob, stride_oh, window, HEADS: tl.constexpr,
                            D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, WINDOWED: tl.constexpr,
-                           CHUNK: tl.constexpr):
+                           CHUNK: tl.constexpr, PDL: tl.constexpr):
     """Merges the splits that held keys, CHUNK per load."""
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(len_ptr + b)
@@ -101,8 +104,10 @@ def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, scale: float, window: int | None = None, num_splits: int = 1,
     kv_pos: torch.Tensor | None = None, out: torch.Tensor | None = None, config: tuple | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
-    """q `[B, heads, d]`; one query per sequence at position `seq_lens - 1`."""
+    """q `[B, heads, d]`; one query per sequence at position `seq_lens - 1`. `pdl`: launch with programmatic
+    dependent launch (`tandem_kernels/pdl.py`; default: where it is on)."""
     b, heads, d = q.shape
     kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     group = heads // kv_heads
@@ -111,6 +116,7 @@ def decode_attention(
     if b == 0:
         return out
     block_n, warps, stages = config or ((32 if d > 128 else 64), 4, 2)
+    pdl = use_pdl(q, pdl)
     if num_splits > 1:
         part = torch.empty((b, heads, num_splits, d), dtype=torch.float32, device=q.device)
         lse = torch.empty((b, heads, num_splits), dtype=torch.float32, device=q.device)
@@ -121,14 +127,14 @@ def decode_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), scale * LOG2E, window or 0,
         KV_HEADS=kv_heads, GROUP=group, D=d, PAGE=page, SPLITS=num_splits,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        HAS_WINDOW=window is not None, HAS_POS=kv_pos is not None, PRECISION=_precision(q),
-        num_warps=warps, num_stages=stages,
+        HAS_WINDOW=window is not None, HAS_POS=kv_pos is not None, PRECISION=_precision(q), PDL=pdl,
+        num_warps=warps, num_stages=stages, **pdl_launch(pdl),
     )
     if num_splits > 1:
         _decode_combine_kernel[(b, heads)](
             part, lse, seq_lens, out, out.stride(0), out.stride(1), window or 0, HEADS=heads, D=d, SPLITS=num_splits,
             BLOCK_N=block_n, WINDOWED=window is not None and kv_pos is None,
-            CHUNK=min(triton.next_power_of_2(num_splits), max(1, 4096 // d)),
+            CHUNK=min(triton.next_power_of_2(num_splits), max(1, 4096 // d)), PDL=pdl, **pdl_launch(pdl),
         )
     return out
 

@@ -276,3 +276,51 @@ def test_top_values_reads_a_row_stride():
 
     x = torch.randn(3, 400).to(DEV)[:, :300]
     assert torch.equal(top_values(x, 10, chunk=64), ref.top_values_ref(x, 10))
+
+
+def test_pdl_is_off_where_the_device_lacks_it():
+    from tandem_kernels import pdl
+
+    assert not pdl.use_pdl(torch.zeros(1)) and not pdl.use_pdl(torch.zeros(1), True)
+    assert pdl.pdl_launch(False) == {} and pdl.pdl_launch(True) == {"launch_pdl": True}
+
+
+@pytest.mark.skipif(DEV != "cuda" or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs compute capability 9.0")
+def test_pdl_chain_in_a_graph_equals_ordinary_launches(monkeypatch):
+    """Each kernel reads the one before it (norm -> GEMV -> rotary + KV store -> decode attention, 6 times):
+    a launch that ran ahead of its input would show here."""
+    from tandem_kernels import pdl
+    from tandem_kernels.triton_gemv import gemv
+
+    heads, kv_heads, d, lengths = 8, 2, 64, [300]
+    k, v, tables = _paged_cache(lengths, kv_heads, d, torch.float16, seed=5)
+    g = torch.Generator().manual_seed(6)
+    w = (torch.randn((heads + 2 * kv_heads) * d, heads * d, generator=g) * 0.05).half().to(DEV)
+    norm_w = torch.rand(heads * d, generator=g).half().to(DEV)
+    cos, sin = (torch.rand(512, d, generator=g).half().to(DEV) for _ in range(2))
+    lens, pos = torch.tensor(lengths, dtype=torch.int32, device=DEV), torch.tensor([299], device=DEV)
+    slots = (tables[0, 299 // PAGE].long() * PAGE + 299 % PAGE).view(1)
+    x0 = torch.randn(1, heads * d, generator=g).half().to(DEV)
+
+    def body(kc, vc, x):
+        for _ in range(6):
+            h, _ = add_rmsnorm(x, None, norm_w, 1e-6)
+            qkv = gemv(h, w).view(1, heads + 2 * kv_heads, d)
+            q, kk, vv = qkv.split([heads, kv_heads, kv_heads], 1)
+            rope_store_kv(q, kk, vv, cos, sin, pos, kc, vc, slots)
+            x = decode_attention(q, kc, vc, tables, lens, d**-0.5, num_splits=4).reshape(1, heads * d)
+        return x
+
+    def chain(enabled):
+        monkeypatch.setattr(pdl, "ENABLED", enabled)
+        body(k.clone(), v.clone(), x0.clone())   # compiles outside the capture
+        kc, vc = k.clone(), v.clone()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            x = body(kc, vc, x0)
+        graph.replay()
+        torch.cuda.synchronize()
+        return x.clone(), kc
+
+    assert all(torch.equal(a, b) for a, b in zip(chain(False), chain(True)))
