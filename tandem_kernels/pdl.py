@@ -2,7 +2,8 @@
 start while the kernel before it still runs: it waits on the device (`gdc_wait`) before it reads anything
 that kernel could have written, then lets the kernel after it launch (`gdc_launch_dependents`). Each
 launch's latency then overlaps the tail of the kernel before it, also inside a CUDA graph. Decode
-attention's two kernels use it (docs/benchmarks.md). `TANDEM_PDL=0` turns it off."""
+attention's two kernels can use it (docs/benchmarks.md). Off until the engine on CUDA has been checked with it;
+`TANDEM_PDL=1` turns it on."""
 from __future__ import annotations
 
 import functools
@@ -19,7 +20,7 @@ except ImportError:   # an older Triton
     gdc_launch_dependents = gdc_wait = None
     AVAILABLE = False
 
-ENABLED = AVAILABLE and os.environ.get("TANDEM_PDL", "1") != "0"
+ENABLED = AVAILABLE and os.environ.get("TANDEM_PDL", "0") == "1"
 
 
 @triton.jit
