@@ -47,6 +47,7 @@ class RolloutJob:
         self.cfg, self.echo, self.out = cfg, echo, Path(cfg.out)
         self.engine: Engine | None = None
         self.r2r: R2R | None = None
+        self.top_k = 0   # the router's, once loaded
 
     def run(self) -> dict:
         items = gsm8k(self.cfg.start, self.cfg.stop, self.cfg.data)

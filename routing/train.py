@@ -67,15 +67,18 @@ class Dataset:
         return float((w * (1 - y)).sum() / (w * y).sum())
 
 
+def label_dirs(labels: str | Path | list) -> list[Path]:
+    return [Path(labels)] if isinstance(labels, (str, Path)) else [Path(d) for d in labels]
+
+
 def load_dataset(labels_dirs: str | Path | list, target: str = "divergent", divergent_weight: float = 5.0) -> Dataset:
     """`divergent`: the rows with a label (dropped and capped ones left out). `mismatch`: every row. Several
     directories are read as one data set; one without judged labels (`tandem r2r rollout`) serves `mismatch` only."""
     if target not in TARGETS:
         raise TrainError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
-    dirs = [labels_dirs] if isinstance(labels_dirs, (str, Path)) else list(labels_dirs)
     parts, divergent = [], []
-    for d in dirs:
-        lines = read_jsonl(Path(d) / LABELS)
+    for d in label_dirs(labels_dirs):
+        lines = read_jsonl(d / LABELS)
         feats = load_features(d)
         if feats is None or (not lines and target == "divergent"):
             raise TrainError(f"{d} holds no finished labels; run `tandem r2r label --out {d}` first"
@@ -229,10 +232,12 @@ class Trainer:
 
 def train_router(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict:
     data = load_dataset(cfg.labels, cfg.target, cfg.divergent_weight)
-    first = Path(cfg.labels if isinstance(cfg.labels, str) else cfg.labels[0])
-    manifest = json.loads((first / MANIFEST).read_text()) if (first / MANIFEST).is_file() else {}
-    if manifest.get("slm") and Path(manifest["slm"]).resolve() != Path(cfg.slm).resolve():
-        echo(f"warning: the labels were made with SLM {manifest['slm']}, training with {cfg.slm}")
+    dirs = label_dirs(cfg.labels)
+    manifests = [json.loads((d / MANIFEST).read_text()) if (d / MANIFEST).is_file() else {} for d in dirs]
+    for d, m in zip(dirs, manifests):
+        if m.get("slm") and Path(m["slm"]).resolve() != Path(cfg.slm).resolve():
+            echo(f"warning: the labels in {d} were made with SLM {m['slm']}, training with {cfg.slm}")
+    manifest = manifests[0]
     n1 = int((data.divergent == 1).sum())
     if n1 == 0:
         raise TrainError(f"no divergent labels in {cfg.labels} ({int((data.divergent >= 0).sum())} labelled tokens): "
