@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -11,7 +12,8 @@ from routing.deciders import RouterDecider
 from routing.router import Router, RouterConfig
 from tandem.cli import app
 from tandem.evals.r2r_gsm8k import auto_thresholds, entropy_threshold
-from tandem.evals.stats import Summary, gap_recovered, target, wilson
+from tandem.evals import report
+from tandem.evals.stats import Summary, add_gaps, gap_interval, gap_recovered, sign_test, summarise, target, wilson
 from tandem.evals.store import EvalError
 
 runner = CliRunner()
@@ -88,6 +90,31 @@ def test_target_needs_gap_share_and_both_baselines():
     t = target([r, *worse])
     assert not t["met"] and t["configs"][0]["beats_entropy"] is False and t["configs"][0]["beats_random"]
     assert target([r])["configs"][0]["beats_random"] is None and not target([r])["met"]
+
+
+def test_paired_gap_interval_and_sign_test():
+    n = 200
+    slm, llm = np.zeros(n, bool), np.ones(n, bool)
+    half = np.arange(n) % 2 == 0
+    lo, hi = gap_interval(half, slm, llm)
+    assert 0.4 < lo < 0.5 < hi < 0.6
+    assert gap_interval(llm, slm, llm) == (1.0, 1.0) and gap_interval(half, llm, llm) is None
+    assert sign_test(np.array([1, 1, 1, 0], bool), np.zeros(4, bool)) == (3, 0, 0.25)
+    assert sign_test(half, half) == (0, 0, 1.0)
+    assert sign_test(llm, slm)[2] < 1e-50
+
+    def records(correct):
+        return [{"index": 800 + i, "correct": bool(c), "tokens": 10, "llm_tokens": 2, "session": "s", "t_done": 1.0}
+                for i, c in enumerate(correct)]
+    configs = [summarise("slm", "slm", None, None, records(slm)), summarise("llm", "llm", None, None, records(llm)),
+               summarise("r2r-0.5", "r2r", 0.5, None, records(half)),
+               summarise("random-0.5", "random", 0.8, "r2r-0.5", records(np.arange(n) % 4 == 0))]
+    add_gaps(configs)
+    assert configs[2].gap_recovered == pytest.approx(0.5) and configs[2].gap_ci[0] < 0.5 < configs[2].gap_ci[1]
+    assert configs[0].gap_ci is None and "outcomes" not in configs[2].to_dict()
+    row = target(configs)["configs"][0]
+    assert row["sign_test_random"][:2] == (50, 0) and row["sign_test_entropy"] is None
+    assert "50.0% [" in report.table(configs) and "50 vs 0 items" in report.target_text(target(configs))
 
 
 def token_scores(self, step):

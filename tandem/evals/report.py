@@ -11,15 +11,25 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _gap(s: Summary) -> str:
+    if s.gap_ci is None:
+        return _pct(s.gap_recovered)
+    return f"{_pct(s.gap_recovered)} [{_pct(s.gap_ci[0])}, {_pct(s.gap_ci[1])}]"
+
+
+def _sign(test: list | tuple | None) -> str:
+    return "" if test is None else f" ({test[0]} vs {test[1]} items right only with one, p = {test[2]:.2g})"
+
+
 def table(summaries: list[Summary]) -> str:
-    head = ("| config | kind | threshold | items | accuracy | 95% CI | LLM-token share | gap recovered "
+    head = ("| config | kind | threshold | items | accuracy | 95% CI | LLM-token share | gap recovered [95% CI] "
             "| wall (s) | tok/s |\n|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for s in summaries:
         t = "-" if s.threshold is None else f"{s.threshold:.4g}"
         match = f" (matches {s.matches})" if s.matches else ""
         rows.append(f"| {s.name}{match} | {s.kind} | {t} | {s.n} | {_pct(s.accuracy)} "
-                    f"| {_pct(s.ci_low)}–{_pct(s.ci_high)} | {_pct(s.llm_token_share)} | {_pct(s.gap_recovered)} "
+                    f"| {_pct(s.ci_low)}–{_pct(s.ci_high)} | {_pct(s.llm_token_share)} | {_gap(s)} "
                     f"| {s.wall_s:.1f} | {s.tokens_per_s:.1f} |")
     return head + "\n".join(rows) + "\n"
 
@@ -31,12 +41,14 @@ def _yes(x: bool | None) -> str:
 def target_text(t: dict) -> str:
     head = (f"Target: R2R recovers >= {100 * t['gap_at_least']:.0f}% of the SLM→LLM accuracy gap at "
             f"<= {100 * t['share_at_most']:.0f}% LLM tokens and beats random and entropy routing at the "
-            f"same share. **{'Met' if t['met'] else 'Not met'}.**")
+            f"same share. **{'Met' if t['met'] else 'Not met'}.** Gap intervals: paired bootstrap over items; "
+            f"against the baselines: exact sign test on the items only one config gets right.")
     lines = [head, ""]
     for r in t["configs"]:
         lines.append(f"- {r['config']}: share {_pct(r['llm_token_share'])}, gap recovered "
-                     f"{_pct(r['gap_recovered'])}, beats random: {_yes(r['beats_random'])}, "
-                     f"beats entropy: {_yes(r['beats_entropy'])} → {'met' if r['met'] else 'not met'}")
+                     f"{_pct(r['gap_recovered'])}, beats random: {_yes(r['beats_random'])}"
+                     f"{_sign(r.get('sign_test_random'))}, beats entropy: {_yes(r['beats_entropy'])}"
+                     f"{_sign(r.get('sign_test_entropy'))} → {'met' if r['met'] else 'not met'}")
     return "\n".join(lines) + "\n"
 
 
