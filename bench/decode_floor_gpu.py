@@ -28,8 +28,9 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from kernels_gpu import DT, MAX_MODEL_LEN, PAGE, copy_bw, graph_ms, paged  # noqa: E402
-from tandem_kernels.triton_decode import decode_attention, num_splits_for  # noqa: E402
+from gpu_timing import environment  # noqa: E402
+from kernels_gpu import DT, MAX_MODEL_LEN, PAGE, copy_bw, decode_tbps, graph_ms, paged  # noqa: E402
+from tandem_kernels.triton_decode import num_splits_for  # noqa: E402
 
 CASES = [(h, kv, d, b, c) for b in (1, 8, 64) for h, kv, d in [(14, 2, 64), (32, 8, 128)] for c in (4096, 512, 32768)]
 
@@ -73,7 +74,6 @@ def case(heads, kv, d, batch, ctx, sms) -> dict:
     nbytes = 2 * batch * ctx * kv * d * 2
     splits = num_splits_for(batch, kv, MAX_MODEL_LEN, sms)
     progs = batch * kv * splits
-    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     per_prog = batch * ctx * kv * d // progs
     block = min(2048, per_prog)
 
@@ -96,21 +96,15 @@ def case(heads, kv, d, batch, ctx, sms) -> dict:
             return run
         return make
 
-    def decode(pdl: bool):
-        def make():
-            k, v, tables = paged(batch, ctx, kv, d)
-            q = torch.randn(batch, heads, d, device="cuda", dtype=DT)
-            out = torch.empty_like(q)
-            return lambda: decode_attention(q, k, v, tables, lens, d**-0.5, num_splits=splits, out=out, pdl=pdl)
-        return make
-
     row = {"heads": f"{heads}/{kv}x{d}", "batch": batch, "ctx": ctx, "MB": round(nbytes / 2**20, 1),
            "splits": splits, "copy_TBps": round(copy_bw(nbytes), 3)}
-    for name, make in [("read", read), ("paged_read", paged_read(False)), ("paged_read_combine", paged_read(True)),
-                       ("decode", decode(False)), ("decode_pdl", decode(True))]:
-        tbps = nbytes / graph_ms(make, nbytes) / 1e9
-        row[f"{name}_TBps"] = round(tbps, 3)
-        row[f"{name}_vs_copy"] = round(tbps / row["copy_TBps"], 3)
+    tbps = {name: nbytes / graph_ms(make, nbytes) / 1e9 for name, make in
+            [("read", read), ("paged_read", paged_read(False)), ("paged_read_combine", paged_read(True))]}
+    tbps["decode"] = decode_tbps(batch, ctx, heads, kv, d, splits, pdl=False)
+    tbps["decode_pdl"] = decode_tbps(batch, ctx, heads, kv, d, splits, pdl=True)
+    for name, tb in tbps.items():
+        row[f"{name}_TBps"] = round(tb, 3)
+        row[f"{name}_vs_copy"] = round(tb / row["copy_TBps"], 3)
     return row
 
 
@@ -119,8 +113,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "cases": []}
+    result = {**environment(), "cases": []}
     for c in CASES:
         result["cases"].append(case(*c, sms))
         print(json.dumps(result["cases"][-1]), file=sys.stderr, flush=True)

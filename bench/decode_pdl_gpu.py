@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from gpu_timing import replay_ms  # noqa: E402
-from kernels_gpu import DT, MAX_MODEL_LEN, PAGE, copy_bw, graph_ms, paged  # noqa: E402
+from gpu_timing import environment, replay_ms  # noqa: E402
+from kernels_gpu import DT, MAX_MODEL_LEN, PAGE, copy_bw, decode_tbps, paged  # noqa: E402
 from tandem_kernels.reference import decode_attention_ref  # noqa: E402
 from tandem_kernels.pdl import AVAILABLE as HAS_PDL  # noqa: E402
 from tandem_kernels.triton_decode import decode_attention, num_splits_for  # noqa: E402
@@ -49,21 +49,11 @@ def check(sms: int) -> list[dict]:
 
 def independent(batch, ctx, heads, kv, d, sms) -> dict:
     nbytes = 2 * batch * ctx * kv * d * 2
-    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     splits = num_splits_for(batch, kv, MAX_MODEL_LEN, sms)
-
-    def run(mode):
-        def make():
-            k, v, tables = paged(batch, ctx, kv, d)
-            q = torch.randn(batch, heads, d, device="cuda", dtype=DT)
-            out = torch.empty_like(q)
-            return lambda: decode_attention(q, k, v, tables, lens, d**-0.5, num_splits=splits, out=out, pdl=mode)
-        return nbytes / graph_ms(make, nbytes) / 1e9
-
     row = {"heads": f"{heads}/{kv}x{d}", "batch": batch, "ctx": ctx, "splits": splits,
            "copy_TBps": round(copy_bw(nbytes), 3)}
     for name, mode in MODES.items():
-        row[f"{name}_TBps"] = round(run(mode), 3)
+        row[f"{name}_TBps"] = round(decode_tbps(batch, ctx, heads, kv, d, splits, pdl=mode), 3)
         row[f"{name}_vs_copy"] = round(row[f"{name}_TBps"] / row["copy_TBps"], 3)
     return row
 
@@ -96,9 +86,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "has_pdl": HAS_PDL}
-    import triton
-    result["triton"] = triton.__version__
+    result = {**environment(), "has_pdl": HAS_PDL}
 
     def save():
         print(json.dumps(result), flush=True)

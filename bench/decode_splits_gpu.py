@@ -24,8 +24,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
-from kernels_gpu import DT, MAX_MODEL_LEN, copy_bw, graph_ms, paged  # noqa: E402
-from tandem_kernels.triton_decode import decode_attention, num_splits_for  # noqa: E402
+from gpu_timing import environment  # noqa: E402
+from kernels_gpu import MAX_MODEL_LEN, copy_bw, decode_tbps  # noqa: E402
+from tandem_kernels.triton_decode import num_splits_for  # noqa: E402
 
 CASES = [  # (heads, kv, d, batch, ctx): below 90% of the copy at b9d8322
     (32, 8, 128, 1, 4096), (32, 8, 128, 1, 32768), (32, 8, 128, 8, 4096),
@@ -44,15 +45,9 @@ def candidates(programs_per_split: int, ctx: int, sms: int) -> list[int]:
 
 def sweep_case(heads, kv, d, batch, ctx, sms):
     nbytes = 2 * batch * ctx * kv * d * 2
-    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
 
     def tbps(splits, cfg):
-        def make():
-            k, v, tables = paged(batch, ctx, kv, d)
-            q = torch.randn(batch, heads, d, device="cuda", dtype=DT)
-            out = torch.empty_like(q)
-            return lambda: decode_attention(q, k, v, tables, lens, d**-0.5, num_splits=splits, out=out, config=cfg)
-        return round(nbytes / graph_ms(make, nbytes) / 1e9, 3)
+        return round(decode_tbps(batch, ctx, heads, kv, d, splits, config=cfg), 3)
 
     default = num_splits_for(batch, kv, MAX_MODEL_LEN, sms)
     rows = {(default, DEFAULT_CFG): tbps(default, DEFAULT_CFG)}
@@ -82,12 +77,9 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new cases after this long")
     args = ap.parse_args()
-    import triton
-
     t0 = time.time()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "sms": sms, "cases": []}
+    report = {**environment(), "sms": sms, "cases": []}
     for case in CASES:
         if time.time() - t0 > args.budget_s:
             report["stopped_early"] = True

@@ -208,10 +208,9 @@ def main() -> None:
     ap.add_argument("--hf-batches", default="1,8,32")
     ap.add_argument("--out")
     args = ap.parse_args()
-    import triton
+    from gpu_timing import environment
 
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "rows": []}
+    report = {**environment(), "rows": []}
     for shape in args.shapes.split(","):
         if args.system in ("tandem", "both"):
             bench_ours(shape, report["rows"])

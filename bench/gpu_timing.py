@@ -1,7 +1,15 @@
-"""The clock the GPU benchmarks share: replays of a captured CUDA graph between two CUDA events."""
+"""The clock the GPU benchmarks share: replays of a captured CUDA graph between two CUDA events; and the
+environment each report names."""
 from __future__ import annotations
 
 import torch
+
+
+def environment() -> dict:
+    """The device and versions a GPU benchmark's report starts with."""
+    import triton
+
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
 
 
 def replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 20) -> float:

@@ -23,7 +23,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
-from gpu_timing import replay_ms  # noqa: E402
+from gpu_timing import environment, replay_ms  # noqa: E402
 from tandem_kernels.triton_decode import decode_attention, num_splits_for  # noqa: E402
 from tandem_kernels.triton_extend import extend_attention  # noqa: E402
 
@@ -65,35 +65,37 @@ def copy_bw(nbytes):
     return 2 * nbytes / graph_ms(make, nbytes) / 1e9
 
 
-def bench_decode(batch, ctx, heads, kv, d, sms):
+def decode_tbps(batch, ctx, heads, kv, d, splits, **kw) -> float:
+    """Paged decode attention's bandwidth (K+V bytes read / time, TB/s), every sequence at `ctx`, timed by
+    `graph_ms`; `kw` goes to `decode_attention` (config, pdl)."""
     nbytes = 2 * batch * ctx * kv * d * 2
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
 
-    def inputs():
+    def make():
         k, v, tables = paged(batch, ctx, kv, d)
-        return torch.randn(batch, heads, d, device="cuda", dtype=DT), k, v, tables
+        q = torch.randn(batch, heads, d, device="cuda", dtype=DT)
+        out = torch.empty_like(q)
+        return lambda: decode_attention(q, k, v, tables, lens, d**-0.5, num_splits=splits, out=out, **kw)
+    return nbytes / graph_ms(make, nbytes) / 1e9
 
-    def ours(splits, cfg=None):
-        def make():
-            q, k, v, tables = inputs()
-            out = torch.empty_like(q)
-            return lambda: decode_attention(q, k, v, tables, lens, d**-0.5, num_splits=splits, out=out, config=cfg)
-        return graph_ms(make, nbytes)
 
+def bench_decode(batch, ctx, heads, kv, d, sms):
+    nbytes = 2 * batch * ctx * kv * d * 2
     splits = num_splits_for(batch, kv, MAX_MODEL_LEN, sms)   # as the engine sizes it
-    default_ms = ours(splits)
-    best, sweep = (default_ms, "default", splits), []
+    default = decode_tbps(batch, ctx, heads, kv, d, splits)
+    best, sweep = (default, "default", splits), []
     for s in sorted({1, 2, 4, 8, 16, 32, 64, splits}) if SWEEP else ():
         for cfg in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 8, 2), (128, 4, 3), (128, 8, 3), (256, 8, 2), (256, 8, 3)]:
             if d > 128 and cfg[0] > 64:
                 continue
-            ms = ours(s, cfg)
-            sweep.append([s, list(cfg), round(nbytes / ms / 1e9, 3)])
-            if ms < best[0]:
-                best = (ms, cfg, s)
+            tbps = decode_tbps(batch, ctx, heads, kv, d, s, config=cfg)
+            sweep.append([s, list(cfg), round(tbps, 3)])
+            if tbps > best[0]:
+                best = (tbps, cfg, s)
 
     def sdpa():
-        q, k, v, tables = inputs()
+        k, v, tables = paged(batch, ctx, kv, d)
+        q = torch.randn(batch, heads, d, device="cuda", dtype=DT)
         kc = k[tables.long()].reshape(batch, -1, kv, d)[:, :ctx].transpose(1, 2).contiguous()
         vc = v[tables.long()].reshape(batch, -1, kv, d)[:, :ctx].transpose(1, 2).contiguous()
         del k, v
@@ -101,7 +103,7 @@ def bench_decode(batch, ctx, heads, kv, d, sms):
 
     sdpa_ms = graph_ms(sdpa, nbytes)
     out = {"batch": batch, "ctx": ctx, "heads": f"{heads}/{kv}x{d}", "splits_default": splits,
-           "tandem_default_TBps": nbytes / default_ms / 1e9, "tandem_best_TBps": nbytes / best[0] / 1e9,
+           "tandem_default_TBps": default, "tandem_best_TBps": best[0],
            "best_config": str(best[1]), "best_splits": best[2], "sdpa_contiguous_TBps": nbytes / sdpa_ms / 1e9,
            "copy_TBps": copy_bw(nbytes)}
     out["default_vs_copy"] = out["tandem_default_TBps"] / out["copy_TBps"]
@@ -150,11 +152,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-sweep", action="store_true", help="time the default launch configuration only")
     args = ap.parse_args()
-    import triton
-
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "decode": [], "prefill": []}
+    report = {**environment(), "decode": [], "prefill": []}
     for heads, kv, d in [(32, 8, 128), (14, 2, 64)]:
         for batch in (1, 8, 64):
             for ctx in (512, 4096, 32768):
