@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tandem.errors import TandemError
 
@@ -36,15 +36,22 @@ class ServerConfig(Strict):
 class ModelEntry(Strict):
     name: str = Field(min_length=1)
     path: str = Field(min_length=1, description="a model directory, a .gguf file or a known model name")
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"] = "auto"
     kv_cache_mb: float = Field(512.0, gt=0)
-    block_size: int = Field(16, ge=1)
+    block_size: int = Field(16, ge=1, le=4096, description="tokens per KV block, a power of two")
     max_model_len: int | None = Field(None, ge=1)
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"must be a power of two, got {value}")
+        return value
 
 
 class WorkerEntry(Strict):
     models: list[str] = Field(min_length=1, description="names of entries under `models` hosted together")
-    device: str = "cpu"
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
     threads: int = Field(0, ge=0)

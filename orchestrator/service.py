@@ -5,7 +5,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import grpc
@@ -31,7 +31,11 @@ OUTCOMES = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb
 @dataclass(eq=False)
 class InFlight:
     pipeline: Pipeline
-    aborted: bool = False
+    abort: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def aborted(self) -> bool:
+        return self.abort.is_set()
 
 
 class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
@@ -55,48 +59,35 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         arrival = time.monotonic()
         rid = request.request_id or f"r-{uuid.uuid4().hex}"
-        name, outcome = request.pipeline or "single", "error"
+        name, outcome = "unknown", "error"  # a metrics label: only names of this server's pipelines
         state: InFlight | None = None
         try:
             if self.draining:
                 raise StatusError(grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another server")
             session = self.sessions.get(request.session_id) if request.session_id else None
-            if session is not None:
-                if request.pipeline and request.pipeline != session.pipeline:
-                    raise InvalidRequestError("pipeline", f"session uses {session.pipeline!r}, not {request.pipeline!r}")
-                name, pipeline, params = session.pipeline, self._pipeline(session.pipeline), session.params
-                if request.WhichOneof("pipeline_params"):
-                    raise InvalidRequestError(request.WhichOneof("pipeline_params"), "is fixed by the session")
-            else:
-                pipeline = self._pipeline(request.pipeline)
-                params = pipeline.parse_params(request)
-            model = pipeline.models(params)[0]
-            if model not in self.pool.model_names:
-                raise not_found(f"{pipeline.typed_field or 'params'}.model: {model!r} is not served here; "
-                                f"models: {self.pool.model_names}")
-            check_generate(request, self.pool.model_info(model).vocab_size or None)
-            if rid in self.inflight:
-                raise StatusError(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is already in flight")
-            if session is not None and session.busy:
-                raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, f"session_id: {session.session_id!r} is busy")
+            pipeline = self._pipeline(session.pipeline if session is not None else request.pipeline)
+            name = pipeline.name
+            params, model = self._checked(request, rid, session, pipeline)
             state = self.inflight[rid] = InFlight(pipeline)
-            self.metrics.queue_depth.set(self.admission.waiting + 1)
-            async with self.admission.slot():
-                self.metrics.queue_depth.set(self.admission.waiting)
-                self.metrics.in_flight.set(self.admission.in_flight)
+            if session is not None:
+                session.busy = True  # from here: a second turn queued beside this one is refused
+            try:
+                self.metrics.queue_depth.set(self.admission.waiting + 1)
+                async with self.admission.slot(state.abort):
+                    self.metrics.queue_depth.set(self.admission.waiting)
+                    self.metrics.in_flight.set(self.admission.in_flight)
+                    try:
+                        async for msg in self._generate(rid, name, pipeline, params, model, request, session,
+                                                        arrival, state, context):
+                            if msg.HasField("final"):
+                                outcome = OUTCOMES.get(msg.final.finish_reason, "error")
+                            yield msg
+                    finally:
+                        self.metrics.in_flight.set(self.admission.in_flight - 1)
+            finally:
                 if session is not None:
-                    session.busy = True
-                try:
-                    async for msg in self._generate(rid, name, pipeline, params, model, request, session, arrival,
-                                                    state, context):
-                        if msg.HasField("final"):
-                            outcome = OUTCOMES.get(msg.final.finish_reason, "error")
-                        yield msg
-                finally:
-                    if session is not None:
-                        session.busy = False
-                        session.touch()
-                    self.metrics.in_flight.set(self.admission.in_flight - 1)
+                    session.busy = False
+                    session.touch()
             if outcome == "abort" or state.aborted:
                 outcome = "abort"
                 raise StatusError(grpc.StatusCode.CANCELLED, f"request {rid!r} was aborted")
@@ -115,6 +106,26 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
             if state is not None and self.inflight.get(rid) is state:
                 del self.inflight[rid]
             self.metrics.requests.labels(name, outcome).inc()
+
+    def _checked(self, request: pb.GenerateRequest, rid: str, session: Session | None,
+                 pipeline: Pipeline) -> tuple[object, str]:
+        """The request's typed pipeline parameters and model, once every field is checked."""
+        if session is not None:
+            if request.pipeline and request.pipeline != session.pipeline:
+                raise InvalidRequestError("pipeline", f"session uses {session.pipeline!r}, not {request.pipeline!r}")
+            if request.WhichOneof("pipeline_params"):
+                raise InvalidRequestError(request.WhichOneof("pipeline_params"), "is fixed by the session")
+        params = session.params if session is not None else pipeline.parse_params(request)
+        model = pipeline.models(params)[0]
+        if model not in self.pool.model_names:
+            raise not_found(f"{pipeline.typed_field or 'params'}.model: {model!r} is not served here; "
+                            f"models: {self.pool.model_names}")
+        check_generate(request, self.pool.model_info(model).vocab_size or None)
+        if rid in self.inflight:
+            raise StatusError(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is already in flight")
+        if session is not None and session.busy:
+            raise StatusError(grpc.StatusCode.FAILED_PRECONDITION, f"session_id: {session.session_id!r} is busy")
+        return params, model
 
     async def _generate(self, rid: str, name: str, pipeline: Pipeline, params, model: str,
                         request: pb.GenerateRequest, session: Session | None, arrival: float, state: InFlight,
@@ -189,7 +200,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServicer):
         for rid in request.request_ids:
             state = self.inflight.get(rid)
             if state is not None and not state.aborted:
-                state.aborted = True
+                state.abort.set()
                 aborted.append(rid)
                 await state.pipeline.abort(rid)
         return pb.AbortResponse(aborted=aborted)

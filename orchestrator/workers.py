@@ -199,18 +199,25 @@ class WorkerPool:
         self.on_change()
 
     async def register(self, request: pb.RegisterWorkerRequest) -> str:
+        new = False
         if request.worker_id in self.handles:
             handle = self.handles[request.worker_id]
             if handle.ready and handle.address == request.address:
                 return handle.worker_id
         else:
             known = [h for h in self.handles.values() if h.entry is None and h.address == request.address]
+            new = not known
             handle = known[0] if known else WorkerHandle(f"r{next(self._ids)}", None, list(request.models))
             self.handles[handle.worker_id] = handle
         try:
             await self._connect(handle, request.address)
         except grpc.aio.AioRpcError as e:
             self._mark_gone(handle, e.details() or "unreachable")
+            if new:  # a worker never reached leaves no model behind
+                del self.handles[handle.worker_id]
+                if handle.channel is not None:
+                    await handle.channel.close(grace=None)
+                self.on_change()
             raise unavailable(f"address: worker at {request.address} is not reachable: {e.details()}") from None
         return handle.worker_id
 

@@ -37,6 +37,11 @@ from workers.engine import (
 from workers.engine.sequence import Priority, Sequence
 
 
+def llm_seed(seed: int) -> int:
+    """The LLM copy's seed: one apart from the SLM's, within the 63 bits a seed may have."""
+    return (seed + 1) % 2**63
+
+
 @dataclass
 class RouteState:
     slm_rid: str
@@ -255,7 +260,7 @@ class R2R:
         so that the first hand-off always brings a token to compute and sample from."""
         params = dataclasses.replace(seq.params, detokenize=False, stop=[])
         if seq.params.seed is not None:
-            params = dataclasses.replace(params, seed=seq.params.seed + 1)
+            params = dataclasses.replace(params, seed=llm_seed(seq.params.seed))
         end = len(seq.token_ids) - (0 if sample else 1)
         self.engine.add_request(state.llm_rid, seq.token_ids[state.llm_seen : end], params, self.llm.name,
                                 seq.priority, sample=sample, cache_salt=seq.cache_salt, immediate=immediate)

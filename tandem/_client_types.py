@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from tandem.client_errors import ClientError, error_for
+from tandem.client_errors import ClientError, RequestCancelledError, error_for
 
 _FINISH = {0: "", 1: "stop", 2: "length", 3: "abort", 4: "error"}
 _STATES = {0: "unspecified", 1: "starting", 2: "ready", 3: "unavailable", 4: "stopped"}
@@ -239,6 +239,13 @@ class StreamState:
     @property
     def result(self) -> GenerationResult | None:
         return self._acc.result if self._acc.done else None
+
+    def _finished(self) -> GenerationResult:
+        """The result of a stream read to its end; RequestCancelledError for one left before its final message."""
+        if not self._acc.done:
+            raise RequestCancelledError(f"the stream of {self.request_id!r} was cancelled before its final message",
+                                        request_id=self.request_id)
+        return self._acc.result
 
     def _end(self) -> None:
         self._closed = True

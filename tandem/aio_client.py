@@ -21,7 +21,7 @@ from tandem._client_types import (
     model_info, new_request_id, pipeline_info, session_info, session_request, to_dict,
 )
 from tandem.client import channel_options
-from tandem.client_errors import ClientError, ServerError, UnavailableError, from_rpc_error
+from tandem.client_errors import ClientError, FailedPreconditionError, ServerError, UnavailableError, from_rpc_error
 
 __all__ = ["AsyncClient", "AsyncChatSession", "AsyncGenerationStream"]
 
@@ -73,7 +73,7 @@ class AsyncGenerationStream(StreamState):
             pass
         finally:
             self.cancel()
-        return self._acc.result
+        return self._finished()
 
     async def __aenter__(self) -> AsyncGenerationStream:
         return self
@@ -109,15 +109,21 @@ class AsyncChatSession:
         return self.open().__await__()
 
     async def send(self, text: str, **kw: Any) -> GenerationResult:
-        return await self._client.generate(text, session_id=self.session_id, **kw)
+        return await self._client.generate(text, session_id=self._open_id(), **kw)
 
     async def stream(self, text: str, **kw: Any) -> AsyncGenerationStream:
-        return await self._client.generate(text, session_id=self.session_id, stream=True, **kw)
+        return await self._client.generate(text, session_id=self._open_id(), stream=True, **kw)
 
     async def info(self) -> SessionInfo:
         from tandem.v1 import orchestrator_pb2 as pb
 
-        return session_info(await self._client._unary("GetSession", pb.GetSessionRequest(session_id=self.session_id)))
+        return session_info(await self._client._unary("GetSession", pb.GetSessionRequest(session_id=self._open_id())))
+
+    def _open_id(self) -> str:
+        if self.closed:
+            raise FailedPreconditionError("the session is not open: use `async with client.session(...)` or "
+                              "`await client.session(...)`, or `await chat.open()` after closing it")
+        return self.session_id
 
     async def close(self) -> bool:
         from tandem.v1 import orchestrator_pb2 as pb

@@ -218,6 +218,8 @@ def worker(
 
     if orchestrator and ":" not in orchestrator:
         fail(f"--orchestrator: expected HOST:PORT, got {orchestrator!r}")
+    if problem := device_problem(device):
+        fail(f"--device: {problem}")
     for option, value in (("--r2r", r2r), ("--c2c", c2c)):
         try:
             if value and not isinstance(json.loads(value), dict):
@@ -238,6 +240,23 @@ def worker(
         worker_main(argv)
     except KeyboardInterrupt:
         pass
+    except TandemError as e:
+        fail(str(e))
+
+
+def device_problem(device: str) -> str:
+    """Why `device` cannot run a worker on this machine, or '' when it can."""
+    import re
+
+    import torch
+
+    if device == "cpu":
+        return ""
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        return f"expected cpu, cuda or cuda:N, got {device!r}"
+    count = torch.cuda.device_count()
+    index = int(device.partition(":")[2] or 0)
+    return "" if index < count else f"{device!r}: this machine has {count} CUDA device(s)"
 
 
 def bench(ctx: typer.Context,

@@ -79,8 +79,7 @@ class GenerationStream(StreamState):
         """Consume what is left and return the result."""
         for _ in self:
             pass
-        assert self._acc.done
-        return self._acc.result
+        return self._finished()
 
     def __enter__(self) -> GenerationStream:
         return self

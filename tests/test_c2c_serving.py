@@ -167,6 +167,12 @@ def test_both_placements_give_the_same_tokens(stubs):
                 assert stats["kv_bytes_moved"] == sent + 2 * (2 * 3 * n * 2 * 32 * 4) and "transfer_s" not in stats
 
 
+def test_a_request_id_used_again_at_once(s):
+    first, _ = generate(s, PROMPTS[0], request_id="same")
+    again, final = generate(s, PROMPTS[0], request_id="same")  # the sharer's id is free again at the end
+    assert again == first and final.pipeline_stats["fused_tokens"] > 0
+
+
 def test_t2t(stubs):
     runs = {name: generate(s, "Why is the sky blue?", pipeline="t2t") for name, s in stubs.items()}
     assert runs["co-located"][0] == runs["disaggregated"][0]

@@ -98,6 +98,19 @@ def test_bad_input_is_a_clear_error(served, args, message):
     assert "Traceback" not in r.output
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cuda:7"], "--device: 'cuda:7'"),
+    (["--device", "gpu"], "--device: expected cpu, cuda or cuda:N"),
+    (["--dtype", "float64"], "dtype 'float64'"),
+    (["--kv-cache-mb", "-1"], "kv_cache_mb: must be positive"),
+    (["--block-size", "24"], "block_size: must be a power of two"),
+])
+def test_bad_worker_options_are_clear_errors(tiny_path, args, message):
+    r = invoke("worker", "--model", str(tiny_path), *args)
+    assert r.exit_code == 2 and message in r.stderr, r.output
+    assert "Traceback" not in r.output
+
+
 def test_bad_config_names_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("server: {port: 1, bogus_key: 3}\nmodels: [{name: a, path: /x}]\n")

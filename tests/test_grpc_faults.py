@@ -110,23 +110,54 @@ def test_hand_started_worker_registers_and_metrics(tiny_path):
         finally:
             worker.terminate()
             worker.wait(10)
+        with pytest.raises(grpc.RpcError) as e:
+            s.RegisterWorker(pb.RegisterWorkerRequest(address="127.0.0.1:1", models=["ghost"]))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "address" in e.value.details()
+        assert "ghost" not in [m.name for m in s.ListModels(pb.ListModelsRequest()).models]
+        for name in ("bogus-1", "bogus-2"):
+            with pytest.raises(grpc.RpcError) as e:
+                list(s.Generate(pb.GenerateRequest(text="hi", pipeline=name)))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
         address = s.GetServerInfo(pb.GetServerInfoRequest()).metrics_address
         text = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
         assert 'tandem_requests_total{outcome="length",pipeline="single"}' in text
+        assert 'tandem_requests_total{outcome="invalid",pipeline="unknown"} 2.0' in text and "bogus" not in text
         assert "tandem_ttft_seconds_bucket" in text and "tandem_kv_usage_ratio" in text
 
 
-def test_full_admission_queue_sheds_load(tiny_path):
+def test_admission_queue_sheds_load_and_aborts_leave_it(tiny_path):
     from orchestrator.server import launch
 
-    with launch(tiny_config(tiny_path, max_in_flight=1, max_queue=0)) as server:
+    with launch(tiny_config(tiny_path, max_in_flight=1, max_queue=2)) as server:
         s = stub(server.address)
         busy = s.Generate(_long("busy", 400))
         next(busy)
+        sid = s.CreateSession(pb.CreateSessionRequest()).session_id
+        turn = s.Generate(pb.GenerateRequest(request_id="turn", session_id=sid, text="a", sampling=sampling(max_tokens=2)))
+        _wait_queued(s, 1)
+        with pytest.raises(grpc.RpcError) as e:  # a second turn of a session whose turn is queued
+            list(s.Generate(pb.GenerateRequest(session_id=sid, text="b", sampling=sampling(max_tokens=2))))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "busy" in e.value.details()
+        queued = s.Generate(_long("queued", 2))
+        _wait_queued(s, 2)
         with pytest.raises(grpc.RpcError) as e:
             list(s.Generate(pb.GenerateRequest(text="more", sampling=sampling(max_tokens=2))))
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert s.Abort(pb.AbortRequest(request_ids=["queued"])).aborted == ["queued"]
+        with pytest.raises(grpc.RpcError) as e:  # at once, while `busy` still holds the only slot
+            list(queued)
+        assert e.value.code() == grpc.StatusCode.CANCELLED and "queued" in e.value.details()
+        _wait_queued(s, 1)
         busy.cancel()
+        assert list(turn)[-1].final.usage.completion_tokens == 2
+        assert s.GetSession(pb.GetSessionRequest(session_id=sid)).num_turns == 1
         wait_blocks_free(s)
         final = list(s.Generate(pb.GenerateRequest(text="after", sampling=sampling(max_tokens=2))))[-1].final
         assert final.usage.completion_tokens == 2
+
+
+def _wait_queued(s, n: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while s.GetLoads(pb.GetLoadsRequest()).queued != n:
+        assert time.monotonic() < deadline, f"never {n} queued"
+        time.sleep(0.02)

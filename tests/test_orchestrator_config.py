@@ -23,6 +23,9 @@ def test_from_model_and_defaults():
     ({"models": [{"name": "a", "path": "p"}], "pipelines": {"nope": {}}}, "pipelines.nope"),
     ({"models": [{"name": "a", "path": "p"}], "pipelines": {"single": {"modle": "a"}}}, "modle"),
     ({"models": []}, "models"),
+    ({"models": [{"name": "a", "path": "p", "dtype": "float64"}]}, "models.0.dtype"),
+    ({"models": [{"name": "a", "path": "p", "block_size": 24}]}, "models.0.block_size"),
+    ({"models": [{"name": "a", "path": "p"}], "workers": [{"models": ["a"], "device": "gpu"}]}, "workers.0.device"),
 ])
 def test_errors_name_the_key(data, key):
     with pytest.raises(ConfigError) as e:

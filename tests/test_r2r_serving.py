@@ -118,6 +118,17 @@ def test_temperature_sampling_is_seeded(stubs):
     assert len(again[0]) == N and again[2].finish_reason == pb.FINISH_REASON_LENGTH
 
 
+def test_largest_seed_and_a_request_id_used_again_at_once(stubs):
+    kw = dict(temperature=0.9, seed=2**63 - 1, r2r=pb.R2RParams(decider="forced", threshold=0.5))
+    runs = {name: generate(s, PROMPTS[1], **kw) for name, s in stubs.items()}
+    assert runs["co-located"][0] == runs["disaggregated"][0]
+    assert all(final.pipeline_stats["llm_tokens"] > 0 for _, _, final in runs.values())
+    for s in stubs.values():  # the LLM side's id is free again as soon as the request ends
+        for _ in range(2):
+            ids, _, final = generate(s, PROMPTS[0], request_id="same", r2r=pb.R2RParams(decider="forced", threshold=0.5))
+            assert len(ids) == N and final.pipeline_stats["llm_tokens"] > 0
+
+
 def test_baseline_deciders_and_defaults(s):
     ids, sources, final = generate(s, PROMPTS[0], r2r=pb.R2RParams(decider="entropy", threshold=0.0))
     assert set(sources) == {LLM}

@@ -124,6 +124,8 @@ def test_break_cancels_stream_and_frees_blocks(client):
         if i == 2:
             break
     assert stream.result is None
+    with pytest.raises(RequestCancelledError):
+        stream.wait()
     wait_idle(client)
     for i, _ in enumerate(client.generate("again", max_tokens=400, ignore_eos=True, stream=True)):
         if i == 1:
@@ -181,6 +183,11 @@ def test_async_client(server):
                 if i == 1:
                     break
             s.cancel()
+            with pytest.raises(RequestCancelledError):
+                await s.wait()
+            unopened = ac.session(system="s")
+            with pytest.raises(FailedPreconditionError, match="not open"):
+                await unopened.send("hi", **GREEDY)
 
     asyncio.run(main())
     with Client(server.address) as c:

@@ -18,7 +18,7 @@ import grpc
 from c2c.colocated import runs
 from tandem.status import StatusError
 from orchestrator.pipelines.base import PipelineRequest
-from orchestrator.pipelines.single import relay
+from orchestrator.pipelines.single import read_to_end, relay
 from orchestrator.workers import worker_error
 from orchestrator.workers import WorkerHandle
 from tandem.errors import InvalidRequestError
@@ -99,6 +99,7 @@ async def _feed_one(pipeline: C2C, receiver: WorkerHandle, request: PipelineRequ
                 kv.append(await handle.stub.ExportKV(wpb.ExportKVRequest(
                     request_id=srid, layer_start=run.start, layer_end=run.stop, start=0, end=n), timeout=request.timeout))
             await handle.stub.Release(wpb.RequestRef(request_id=srid), timeout=request.timeout)
+            await read_to_end(steps)
         except grpc.aio.AioRpcError as e:
             raise worker_error(handle, e) from None
     try:

@@ -15,9 +15,10 @@ import grpc
 
 from tandem.status import StatusError
 from orchestrator.pipelines.base import PipelineRequest
-from orchestrator.pipelines.single import chunk_of, final_of, relay
+from orchestrator.pipelines.single import chunk_of, final_of, read_to_end, relay
 from orchestrator.workers import worker_error
 from orchestrator.workers import WorkerHandle
+from routing.r2r import llm_seed
 from tandem.errors import InvalidRequestError
 from tandem.v1 import orchestrator_pb2 as pb
 from tandem.v1 import worker_pb2 as wpb
@@ -71,8 +72,9 @@ class LLMSide:
     async def release(self) -> None:
         if self.steps is None:
             return
-        with contextlib.suppress(grpc.aio.AioRpcError):
+        with contextlib.suppress(grpc.aio.AioRpcError, StatusError):
             await self.handle.stub.Release(wpb.RequestRef(request_id=self.request_id), timeout=5)
+            await read_to_end(self.steps)
 
     async def close(self) -> None:
         """Cancels the LLM's stream, which aborts the sequence there if it was not released."""
@@ -87,7 +89,7 @@ def llm_sampling(sampling: pb.SamplingParams) -> pb.SamplingParams:
     out.CopyFrom(sampling)
     del out.stop[:]
     if sampling.HasField("seed"):
-        out.seed = sampling.seed + 1
+        out.seed = llm_seed(sampling.seed)
     return out
 
 

@@ -113,6 +113,14 @@ def relay(handle: WorkerHandle, request: wpb.WorkerGenerateRequest, timeout: flo
     return handle.link.steps(request, timeout)
 
 
+async def read_to_end(steps: AsyncIterator[wpb.WorkerStep]) -> None:
+    """After a Release: the request's steps up to its finished one, so that closing them aborts nothing (an
+    abort of an id the worker no longer knows would refuse that id's next use for a while)."""
+    async for step in steps:
+        if step.finished:
+            return
+
+
 def chunk_of(step: wpb.WorkerStep) -> pb.Chunk:
     if step.logprobs:
         return pb.Chunk(token_ids=step.token_ids, text=step.text, sources=step.sources, logprobs=step.logprobs)
