@@ -6,7 +6,9 @@ import torch
 from conftest import hf_greedy, make_engine
 from tiny import FAMILIES
 
-from workers.engine import Priority, SamplingParams
+from tandem.errors import InvalidRequestError
+from workers.engine import PolicyDecision, Priority, SamplingParams
+from workers.engine.sequence import Status
 
 GREEDY = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
 
@@ -121,3 +123,127 @@ def test_background_is_preempted_first(tiny_path):
         engine.step()
     assert fg.num_preemptions == 0 and bg.num_preemptions > 0
     assert fg.num_output == bg.num_output == 64
+
+
+def _greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def _ready(engine, request_id: str) -> None:
+    while not any(o.ready and o.request_id == request_id for o in engine.step()):
+        pass
+
+
+def _hold_first_token_of(request_id: str):
+    """A policy standing in for R2R's router: it holds the request's first sampled token for a remote LLM."""
+    held = set()
+
+    def policy(view):
+        hold = torch.tensor([s.request_id == request_id and s.request_id not in held for s in view.seqs])
+        held.update(s.request_id for s, h in zip(view.seqs, hold.tolist()) if h)
+        return PolicyDecision(hold=hold)
+
+    return policy
+
+
+def test_import_marking_the_whole_prompt_still_computes_its_last_token(tiny_path):
+    prompt = list(range(5, 15))
+    reference = make_engine(tiny_path).generate([prompt], _greedy(4))[0].token_ids
+    engine = make_engine(tiny_path, max_num_batched_tokens=4, max_num_seqs=2)
+    engine.add_request("src", prompt, _greedy(4), sample=False)
+    _ready(engine, "src")
+    kv = engine.export_kv("src")
+    engine.add_request("mid", prompt, _greedy(4), cache_salt="mid")
+    engine.step()
+    assert 0 < engine.requests["mid"].num_computed < len(prompt)
+    engine.import_kv("mid", kv, mark_computed=True)
+    engine.add_request("waiting", prompt, _greedy(4), cache_salt="waiting", immediate=True)
+    engine.import_kv("waiting", kv, mark_computed=True)
+    outs = engine.collect(["mid", "waiting"])
+    assert [o.token_ids for o in outs] == [reference, reference]
+
+
+def test_imported_kv_never_enters_the_prefix_cache(tiny_paths):
+    path = tiny_paths["llama"]
+    src_prompt, dst_prompt = list(range(5, 27)), list(range(40, 62))
+    reference = make_engine(path).generate([dst_prompt + [9]], _greedy(6))[0].token_ids
+    engine = make_engine(path)
+    engine.add_request("src", src_prompt, _greedy(6), sample=False)
+    _ready(engine, "src")
+    engine.add_request("dst", dst_prompt, _greedy(6), sample=False)
+    _ready(engine, "dst")
+    engine.import_kv("dst", engine.export_kv("src"), mark_computed=True)
+    engine.extend("dst", [9, 10, 11])
+    engine.collect(["dst"])
+    engine.release("src")
+    later = engine.generate([dst_prompt + [9]], _greedy(6))[0]
+    assert later.usage.cached_tokens == 0 and later.token_ids == reference
+
+
+def test_a_held_request_preempted_while_held_takes_its_injected_token(tiny_paths):
+    path = tiny_paths["llama"]
+    prompt = list(range(20, 32))
+    reference = make_engine(path).generate([prompt + [7]], _greedy(4))[0].token_ids
+    engine = make_engine(path, kv_cache_mb=8 * 3072 / 2**20)
+    assert engine.stats()["m"]["num_blocks"] == 8
+    engine.add_policy("m", _hold_first_token_of("held"))
+    engine.add_request("grower", list(range(5, 13)), _greedy(20))
+    held = engine.add_request("held", prompt, _greedy(5))
+    engine.step()
+    assert held.status is Status.PAUSED and held.block_table
+    while held.block_table:
+        engine.step()
+    assert held.num_preemptions == 1 and held.status is Status.PAUSED
+    engine.inject("held", 7, "llm")
+    out = engine.collect(["held"])[0]
+    assert out.token_ids == [7] + reference and out.finish_reason == "length"
+
+
+def test_resume_of_a_held_request_is_refused_and_inject_still_works(tiny_paths):
+    path = tiny_paths["llama"]
+    prompt = list(range(20, 32))
+    reference = make_engine(path).generate([prompt + [7]], _greedy(4))[0].token_ids
+    engine = make_engine(path)
+    engine.add_policy("m", _hold_first_token_of("held"))
+    held = engine.add_request("held", prompt, _greedy(5))
+    engine.step()
+    with pytest.raises(InvalidRequestError) as e:
+        engine.resume("held")
+    assert e.value.field == "request_id"
+    engine.step()
+    assert engine.stats()["m"]["running"] == 0 and held.status is Status.PAUSED
+    with pytest.raises(InvalidRequestError) as e:
+        engine.inject("held", 10**6, "llm")
+    assert e.value.field == "token_id"
+    engine.inject("held", 7, "llm")
+    assert engine.collect(["held"])[0].token_ids == [7] + reference
+
+
+def test_pause_of_a_waiting_request_holds_it_until_resume(tiny_path):
+    engine = make_engine(tiny_path, max_num_seqs=1)
+    engine.add_request("first", [5, 6, 7], _greedy(3))
+    engine.step()
+    waiting = engine.add_request("waiting", [8, 9, 10], _greedy(3))
+    engine.step()
+    engine.pause("waiting")
+    engine.collect(["first"])
+    for _ in range(3):
+        engine.step()
+    assert waiting.num_output == 0 and engine.stats()["m"]["paused"] == 1
+    engine.resume("waiting")
+    out = engine.collect(["waiting"])[0]
+    assert out.token_ids == make_engine(tiny_path).generate([[8, 9, 10]], _greedy(3))[0].token_ids
+    stats = engine.stats()["m"]
+    assert stats["free_blocks"] == stats["num_blocks"] and not engine.has_unfinished
+
+
+def test_extend_and_inject_errors_name_their_own_fields(tiny_path):
+    engine = make_engine(tiny_path)
+    engine.add_request("p", [5, 6, 7], _greedy(3), sample=False)
+    _ready(engine, "p")
+    for call, field in [(lambda: engine.extend("p", []), "token_ids"),
+                        (lambda: engine.extend("p", [10**6]), "token_ids"),
+                        (lambda: engine.inject("p", 7, "llm"), "request_id")]:
+        with pytest.raises(InvalidRequestError) as e:
+            call()
+        assert e.value.field == field, str(e.value)

@@ -10,14 +10,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tandem.errors import InvalidRequestError, TandemError
-from tandem.status import StatusError, status_of
+from tandem.status import StatusError, not_found, status_of
 from tandem.v1 import orchestrator_pb2 as pb
 from tandem.v1 import worker_pb2 as wpb
 from tandem.v1 import worker_pb2_grpc
 from workers.chat import encode, turn_tokens
 from workers.connection import Connection
 from workers.convert import kv_from_proto, kv_to_proto, logprob_from_proto, sampling_from_proto, step_to_proto
-from workers.engine import Engine, Priority
+from workers.engine import Engine, KVSlice, Priority
 from workers.engine_loop import EngineLoop
 
 if TYPE_CHECKING:
@@ -88,6 +88,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     except StatusError as e:
                         conn.refuse(request.request_id, e.code, e.message)
                         continue
+                    except Exception as e:
+                        log.exception("submitting %r failed", request.request_id)
+                        conn.refuse(request.request_id, grpc.StatusCode.INTERNAL, f"submission failed: {e}")
+                        continue
                     if first is not None:
                         conn.post(first)
                     if first is None or not first.finished:
@@ -114,6 +118,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         except TandemError as e:
             self.loop.close(rid)
             raise StatusError(status_of(e), str(e)) from None
+        except BaseException:
+            self.loop.close(rid)
+            raise
         self.loop.wake()
         if not needs:
             return None
@@ -123,7 +130,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def _add(self, request: wpb.WorkerGenerateRequest) -> list:
         """Adds the request; returns what remote sharers must send (c2c), else nothing."""
         params = sampling_from_proto(request.sampling)
-        prompt, priority = list(request.prompt_token_ids), Priority(int(request.priority))
+        prompt, priority = list(request.prompt_token_ids), _priority(request.priority)
         if request.c2c.enabled:
             return self._add_c2c(request, prompt, params, priority)
         if request.route.enabled:
@@ -170,12 +177,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def Tokenize(self, request: wpb.TokenizeRequest, context) -> wpb.TokenizeResponse:
         async def tokenize() -> list[int]:
-            tok = self.engine.model(request.model or None).tokenizer
+            rm = self.engine.model(request.model or None)
+            tok = rm.tokenizer
             if request.WhichOneof("input") == "messages":
                 msgs = [{"role": m.role, "content": m.content} for m in request.messages.messages]
                 hist = [{"role": m.role, "content": m.content} for m in request.history]
-                return await asyncio.to_thread(turn_tokens, tok, hist, msgs, request.add_generation_prompt,
-                                               list(request.history_tail))
+                tail = list(request.history_tail)
+                rm.check_token_ids(tail, "history_tail")
+                return await asyncio.to_thread(turn_tokens, tok, hist, msgs, request.add_generation_prompt, tail)
             return await asyncio.to_thread(encode, tok, request.text)
 
         return wpb.TokenizeResponse(token_ids=await _guard(context, tokenize()))
@@ -183,27 +192,36 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def _on_engine(self, context, fn: Callable[[], T]) -> T:
         return await _guard(context, self.loop.run(fn))
 
+    async def _on_request(self, context, request_id: str, fn: Callable[[str], T]) -> T:
+        """`fn(request_id)` on the engine's thread, once the request is known live there; else NOT_FOUND."""
+        return await self._on_engine(context, lambda: fn(self._live(request_id)))
+
+    def _live(self, request_id: str) -> str:
+        if request_id not in self.engine.requests:
+            raise not_found(f"request_id: no live request {request_id!r} (finished, released or never added)")
+        return request_id
+
     async def Extend(self, request: wpb.ExtendRequest, context) -> wpb.Ack:
-        await self._on_engine(context, lambda: self.engine.extend(request.request_id, list(request.token_ids),
-                                                                   request.sample))
+        await self._on_request(context, request.request_id,
+                               lambda rid: self.engine.extend(rid, list(request.token_ids), request.sample))
         return wpb.Ack()
 
     async def Pause(self, request: wpb.RequestRef, context) -> wpb.Ack:
-        await self._on_engine(context, lambda: self.engine.pause(request.request_id))
+        await self._on_request(context, request.request_id, self.engine.pause)
         return wpb.Ack()
 
     async def Resume(self, request: wpb.RequestRef, context) -> wpb.Ack:
-        await self._on_engine(context, lambda: self.engine.resume(request.request_id))
+        await self._on_request(context, request.request_id, self.engine.resume)
         return wpb.Ack()
 
     async def Release(self, request: wpb.RequestRef, context) -> wpb.Ack:
-        await self._on_engine(context, lambda: self.engine.release(request.request_id))
+        await self._on_request(context, request.request_id, self.engine.release)
         return wpb.Ack()
 
     async def Inject(self, request: wpb.InjectRequest, context) -> wpb.Ack:
         logprob = logprob_from_proto(request.logprob) if request.HasField("logprob") else None
-        await self._on_engine(context, lambda: self.engine.inject(request.request_id, request.token_id,
-                                                                   request.source, logprob))
+        await self._on_request(context, request.request_id,
+                               lambda rid: self.engine.inject(rid, request.token_id, request.source, logprob))
         return wpb.Ack()
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
@@ -221,20 +239,29 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return live
 
     async def ExportKV(self, request: wpb.ExportKVRequest, context) -> wpb.KVData:
-        def export():
-            layers = None
-            if request.layer_start or request.layer_end:
-                n = self.engine.models[self.engine.requests[request.request_id].model].runner.spec.num_layers \
-                    if request.request_id in self.engine.requests else 0
-                layers = range(request.layer_start, request.layer_end or n)
+        def export(rid: str) -> KVSlice:
+            layers = self._layer_range(rid, request.layer_start, request.layer_end)
             end = request.end if request.HasField("end") else None
-            return self.engine.export_kv(request.request_id, layers, request.start, end)
+            return self.engine.export_kv(rid, layers, request.start, end)
 
-        return kv_to_proto(await self._on_engine(context, export))
+        return kv_to_proto(await self._on_request(context, request.request_id, export))
+
+    def _layer_range(self, request_id: str, start: int, end: int) -> range | None:
+        """The layers `[start, end)` of the request's model (`end` 0: through the last); None: all of them."""
+        if not (start or end):
+            return None
+        n = self.engine.models[self.engine.requests[request_id].model].runner.spec.num_layers
+        if not 0 <= start < n:
+            raise InvalidRequestError("layer_start", f"{start} is not a layer of this {n}-layer model")
+        if not start < (end or n) <= n:
+            raise InvalidRequestError("layer_end", f"{end} does not end a layer range after layer_start {start} "
+                                      f"within this {n}-layer model")
+        return range(start, end or n)
 
     async def ImportKV(self, request: wpb.ImportKVRequest, context) -> wpb.Ack:
         kv = await _guard(context, asyncio.to_thread(kv_from_proto, request.kv))
-        await self._on_engine(context, lambda: self.engine.import_kv(request.request_id, kv, request.mark_computed))
+        await self._on_request(context, request.request_id,
+                               lambda rid: self.engine.import_kv(rid, kv, request.mark_computed))
         return wpb.Ack()
 
     async def FuseKV(self, request: wpb.FuseKVRequest, context) -> wpb.Ack:
@@ -262,6 +289,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                             vocab_size=rm.runner.spec.vocab_size, block_size=rm.blocks.block_size,
                             num_blocks=rm.blocks.num_blocks, ready=True)
         return desc
+
+
+def _priority(value: int) -> Priority:
+    if value not in {int(p) for p in Priority}:
+        raise InvalidRequestError("priority", f"{value} is not a priority; known: {[int(p) for p in Priority]}")
+    return Priority(value)
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:

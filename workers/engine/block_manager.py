@@ -102,8 +102,9 @@ class BlockManager:
 
     def commit(self, seq: Sequence) -> None:
         """Register the sequence's newly computed full blocks in the prefix cache (incremental:
-        each block is hashed once, chained on the hash of the blocks before it)."""
-        if not self.enable_prefix_caching:
+        each block is hashed once, chained on the hash of the blocks before it). A sequence with imported
+        K/V registers none: its entries are not what its tokens alone compute."""
+        if not self.enable_prefix_caching or seq.has_imported_kv:
             return
         num_full = min(seq.num_computed, seq.num_tokens) // self.block_size
         if num_full <= seq.num_committed_blocks:

@@ -54,6 +54,12 @@ class ResidentModel:
         """The most tokens one sequence may hold: within the model's context and the whole KV pool."""
         return min(self.runner.max_model_len, self.blocks.num_blocks * self.blocks.block_size)
 
+    def check_token_ids(self, token_ids: list[int], field: str) -> None:
+        vocab = self.runner.spec.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(field, f"ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+
 
 class Engine:
     """Thread-safe at its door (`add_request`, `abort`, `call`); everything else runs in `step`."""
@@ -145,10 +151,7 @@ class Engine:
             token_ids = list(prompt)
         if not token_ids:
             raise InvalidRequestError("prompt", "is empty")
-        vocab = rm.runner.spec.vocab_size
-        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError("prompt_token_ids", f"ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        rm.check_token_ids(token_ids, "prompt_token_ids")
         return token_ids
 
     def abort(self, request_id: str) -> None:
@@ -165,20 +168,26 @@ class Engine:
         """Append given tokens to a sequence without sampling them (catch-up prefill)."""
         seq = self._live(request_id)
         rm = self.models[seq.model]
-        token_ids = self._tokens(rm, token_ids)
+        if not token_ids:
+            raise InvalidRequestError("token_ids", "is empty")
+        rm.check_token_ids(token_ids, "token_ids")
         if seq.num_tokens + len(token_ids) >= seq.max_len:
             raise InvalidRequestError("token_ids", f"extending to {seq.num_tokens + len(token_ids)} tokens exceeds {seq.max_len}")
         seq.token_ids.extend(token_ids)
         seq.sample_on_complete = sample
+        seq.held = False
         rm.scheduler.resume(seq)
 
     def inject(self, request_id: str, token: int, source: str, logprob: dict | None = None) -> None:
-        """Give a held sequence (see `PolicyDecision.hold`) its next token, produced elsewhere."""
+        """Give a held sequence (see `PolicyDecision.hold`) its next token, produced elsewhere. One that was
+        preempted while held is recomputed with it."""
         seq = self._live(request_id)
         rm = self.models[seq.model]
-        if seq.status is not Status.PAUSED or seq.num_uncomputed:
+        if not seq.held:
             raise InvalidRequestError("request_id", f"{request_id!r} is not waiting for a token")
-        self._tokens(rm, [token])
+        assert seq.status is Status.PAUSED
+        rm.check_token_ids([token], "token_id")
+        seq.held = False
         out = append_token(seq, token, source, logprob)
         if out.finished:
             self._retire(rm, seq)
@@ -196,6 +205,8 @@ class Engine:
 
     def resume(self, request_id: str) -> None:
         seq = self._live(request_id)
+        if seq.held:
+            raise InvalidRequestError("request_id", f"{request_id!r} waits for a token from Inject, not for resume")
         self.models[seq.model].scheduler.resume(seq)
 
     def release(self, request_id: str) -> None:
@@ -208,7 +219,8 @@ class Engine:
 
     def import_kv(self, request_id: str, kv: KVSlice, mark_computed: bool = False) -> None:
         """Write K/V for tokens `[kv.start, kv.start + n)` of a sequence's known tokens. With
-        `mark_computed` and every layer given, those tokens count as computed (no prefill needed)."""
+        `mark_computed` and every layer given, those tokens count as computed (no prefill needed), all but
+        its last token: that one is always computed, so that the step samples (or reports `ready`)."""
         seq = self._live(request_id)
         kv_transfer.import_kv(self.models[seq.model], seq, kv, mark_computed)
 
@@ -318,6 +330,7 @@ class Engine:
         for i, seq in enumerate(seqs):
             if hold[i] or seq.propose_only:
                 rm.scheduler.pause(seq)
+                seq.held = hold[i]
                 if seq.propose_only and not hold[i]:
                     if seq.vocab_limit and token_list[i] >= seq.vocab_limit:
                         token_list[i] = int(fl.logits[rows[i], : seq.vocab_limit].argmax())

@@ -13,10 +13,11 @@ if TYPE_CHECKING:
 
 def export_kv(rm: ResidentModel, seq: Sequence, layers: range | None, start: int, end: int | None) -> KVSlice:
     num_layers = rm.runner.spec.num_layers
-    layers = layers or range(num_layers)
+    layers = range(num_layers) if layers is None else layers
     end = seq.num_computed if end is None else end
     if not 0 <= start <= end <= seq.num_computed:
-        raise InvalidRequestError("range", f"[{start}, {end}) is not within the {seq.num_computed} computed tokens")
+        field = "end" if 0 <= start <= seq.num_computed else "start"
+        raise InvalidRequestError(field, f"[{start}, {end}) is not within the {seq.num_computed} computed tokens")
     if not (0 <= layers.start < layers.stop <= num_layers and layers.step == 1):
         raise InvalidRequestError("layers", f"{layers} is not a layer range of a {num_layers}-layer model")
     slots = rm.blocks.slots(seq, start, end)
@@ -39,8 +40,9 @@ def import_kv(rm: ResidentModel, seq: Sequence, kv: KVSlice, mark_computed: bool
         raise InvalidRequestError("kv", "the KV pool has no room for these tokens now")
     if any(rm.blocks.blocks[b].ref_count > 1 for b in seq.block_table):
         raise InvalidRequestError("kv", "the sequence shares cached prefix blocks; give it a cache_salt to import KV")
+    seq.has_imported_kv = True
     rm.blocks.invalidate_from(seq, kv.start)
     slots = rm.blocks.slots(seq, kv.start, kv.start + n)
     rm.runner.write_kv(slots.to(rm.runner.device), kv.layers, kv.k, kv.v)
     if mark_computed and len(kv.layers) == spec.num_layers:
-        seq.num_computed = max(seq.num_computed, kv.start + n)
+        seq.num_computed = max(seq.num_computed, min(kv.start + n, seq.num_tokens - 1))

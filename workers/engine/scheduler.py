@@ -95,9 +95,10 @@ class Scheduler:
             self.waiting.append(seq)
 
     def pause(self, seq: Sequence) -> None:
-        if seq in self.running:
-            self.running.remove(seq)
-            self.paused.append(seq)
+        for queue in (self.running, self.waiting):
+            if seq in queue:
+                queue.remove(seq)
+                self.paused.append(seq)
         seq.status = Status.PAUSED
 
     def resume(self, seq: Sequence) -> None:

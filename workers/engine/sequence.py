@@ -28,6 +28,9 @@ _arrivals = itertools.count()
 
 @dataclass(eq=False)
 class Sequence:
+    """`held`: a policy dropped its sampled token; it waits, paused, for `Engine.inject` (or `extend`) to give
+    it tokens. `has_imported_kv`: K/V written from elsewhere, so none of its blocks enters the prefix cache."""
+
     request_id: str
     model: str
     token_ids: list[int]
@@ -58,6 +61,8 @@ class Sequence:
     finish_time: float | None = None
     propose_only: bool = False
     vocab_limit: int = 0
+    held: bool = False
+    has_imported_kv: bool = False
     stats: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
