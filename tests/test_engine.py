@@ -247,3 +247,14 @@ def test_extend_and_inject_errors_name_their_own_fields(tiny_path):
         with pytest.raises(InvalidRequestError) as e:
             call()
         assert e.value.field == field, str(e.value)
+
+
+def test_resume_of_a_prefilled_request_waiting_for_extend_is_refused(tiny_path):
+    engine = make_engine(tiny_path)
+    engine.add_request("p", [5, 6, 7], _greedy(3), sample=False)
+    _ready(engine, "p")
+    with pytest.raises(InvalidRequestError, match="waits for Extend") as e:
+        engine.resume("p")
+    assert e.value.field == "request_id" and engine.stats()["m"]["running"] == 0
+    engine.extend("p", [8], sample=True)
+    assert len(engine.collect(["p"])[0].token_ids) == 3

@@ -207,6 +207,8 @@ class Engine:
         seq = self._live(request_id)
         if seq.held:
             raise InvalidRequestError("request_id", f"{request_id!r} waits for a token from Inject, not for resume")
+        if seq.status is Status.PAUSED and seq.num_tokens and not seq.num_uncomputed:
+            raise InvalidRequestError("request_id", f"{request_id!r} has nothing to compute: it waits for Extend")
         self.models[seq.model].scheduler.resume(seq)
 
     def release(self, request_id: str) -> None:
