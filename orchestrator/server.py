@@ -51,9 +51,12 @@ class OrchestratorServer:
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
         host = self.config.server.host
-        bound = self.server.add_insecure_port(f"{host}:{self.port}")
+        try:
+            bound = self.server.add_insecure_port(f"{host}:{self.port}")
+        except RuntimeError:
+            bound = 0
         if not bound:
-            raise OSError(f"cannot bind {host}:{self.port}")
+            raise OSError(f"--port: cannot bind {host}:{self.port} (in use by another server?)")
         self.address = f"{host}:{bound}"
         await self.server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -103,12 +106,25 @@ async def serve(config: TandemConfig, port: int | None = None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await server.start()
-        if on_ready is not None:
-            on_ready(server)
-        await stop.wait()
+        if await _started_before(server, stop):
+            if on_ready is not None:
+                on_ready(server)
+            await stop.wait()
     finally:
         await server.drain_and_stop()
+
+
+async def _started_before(server: OrchestratorServer, stop: asyncio.Event) -> bool:
+    """Start the server unless `stop` comes first (a signal while workers load); False then."""
+    start, stopped = asyncio.ensure_future(server.start()), asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((start, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not start.done():
+            start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+    return not start.cancelled() and start.result() is not None
 
 
 def run(config: TandemConfig, port: int | None = None,

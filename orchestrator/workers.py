@@ -17,6 +17,7 @@ import grpc
 
 from orchestrator.config import TandemConfig, WorkerEntry
 from tandem.status import StatusError, not_found, unavailable
+from tandem.errors import TandemError
 from orchestrator.worker_link import WorkerLink
 from tandem.v1 import orchestrator_pb2 as pb
 from tandem.v1 import worker_pb2 as wpb
@@ -25,6 +26,11 @@ from workers.service import grpc_options
 
 log = logging.getLogger("tandem.orchestrator")
 READY_LINE = "TANDEM_WORKER_READY"
+START_ATTEMPTS = 2  # a worker that fails this many starts in a row before the server is up: serve gives up
+
+
+class WorkerStartError(TandemError):
+    """A configured worker keeps exiting before it is ready (a model that does not load, say)."""
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,6 +48,7 @@ class WorkerHandle:
     link: WorkerLink | None = None
     restarts: int = 0
     failures: int = 0
+    failed_starts: int = 0  # in a row, each ending before the worker was ready
     last_load: pb.WorkerLoad | None = None
 
     @property
@@ -122,6 +129,11 @@ class WorkerPool:
         while not all(h.ready for h in self.handles.values() if h.entry):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"workers not ready within {timeout:.0f} s")
+            failing = [h for h in self.handles.values() if h.entry and h.failed_starts >= START_ATTEMPTS]
+            if failing:
+                h = failing[0]
+                raise WorkerStartError(f"worker {h.worker_id} ({', '.join(h.models)}) exited before it was ready "
+                                       f"{h.failed_starts} times in a row; its error is above")
             await asyncio.sleep(0.05)
 
     def _command(self, handle: WorkerHandle) -> list[str]:
@@ -156,10 +168,12 @@ class WorkerPool:
                 if not line.startswith(READY_LINE.encode()):
                     raise RuntimeError(f"worker {handle.worker_id} exited before it was ready")
                 await self._connect(handle, f"127.0.0.1:{int(line.split()[1])}")
+                handle.failed_starts = 0
                 await handle.process.wait()
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                handle.failed_starts += 1
                 log.warning("worker %s failed to start: %s", handle.worker_id, e)
             self._mark_gone(handle, "exited")
             if handle.process and handle.process.returncode is None:

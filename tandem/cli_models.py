@@ -45,7 +45,7 @@ def install_cmd(
         for s in specs:
             path = assets.install(s.name, dtype=dtype)
             typer.echo(f"{s.name}: {path}")
-    except (TandemError, ValueError) as exc:
+    except (TandemError, ValueError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
 

@@ -12,7 +12,7 @@ from typing import Any, Iterator, NoReturn, Optional
 
 import typer
 
-from tandem.errors import TandemError
+from tandem.errors import ModelNotFoundError, TandemError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,9 +40,11 @@ def load_config(config: Optional[Path], model: Optional[str]) -> Any:
             conf = cfg.default_config()
         for m in conf.models:  # fail here, with the fix, rather than in a worker process
             assets.resolve(m.path)
-    except TandemError as e:
+    except ModelNotFoundError as e:
         hint = " (install it with `tandem models install`)" if "install" not in str(e) else ""
         fail(f"{e}{hint}")
+    except TandemError as e:
+        fail(str(e))
     return conf
 
 
@@ -126,6 +128,8 @@ def chat(
     seed: Optional[int] = typer.Option(None, "--seed"),
 ) -> None:
     """Interactive streaming chat in one session; `/reset` starts over, `/exit` (or EOF) quits."""
+    if not 0 < top_p <= 1:
+        fail(f"--top-p: must be in (0, 1], got {top_p}")
     handle = None
     if server is None:
         from orchestrator.launch import launch
@@ -166,7 +170,11 @@ def _chat_loop(server: str, model: Optional[str], system: str, sampling: dict[st
                 if text.startswith("/"):
                     typer.secho(f"unknown command {text}; /reset or /exit", fg="yellow", err=True)
                     continue
-                _turn(session, text, sampling)
+                try:
+                    _turn(session, text, sampling)
+                except ClientError as e:  # this turn failed; the chat goes on
+                    typer.echo()
+                    typer.secho(f"error: {e} (/reset starts a new session, /exit quits)", fg="red", err=True)
     except ClientError as e:
         fail(str(e))
     finally:

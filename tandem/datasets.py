@@ -5,6 +5,7 @@ import gzip
 import importlib.util
 import json
 import re
+from decimal import Decimal, InvalidOperation
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,12 +77,15 @@ _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 
 
 def normalize_number(text: str) -> str:
+    """Exact (Decimal, not float): '1,000.50' -> '1000.5', '7.0' -> '7'; any length of digits."""
     text = text.replace(",", "").replace("$", "").strip().rstrip(".")
     try:
-        value = float(text)
-    except ValueError:
+        value = Decimal(text)
+    except InvalidOperation:
         return text
-    return str(int(value)) if value == int(value) else str(value)
+    if not value.is_finite():
+        return text
+    return str(int(value)) if value == value.to_integral_value() else format(value.normalize(), "f")
 
 
 def extract_answer(text: str) -> str | None:

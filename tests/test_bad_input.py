@@ -80,7 +80,41 @@ def test_missing_and_corrupt_checkpoints(tiny_path, tmp_path):
     (broken / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="not supported|could not be read"):
         load_model(broken)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for f in tiny_path.iterdir():
+        (shards / f.name).write_bytes(f.read_bytes())
+    index = shards / "model.safetensors.index.json"
+    for text, message in [("{}", "weight_map"), ("{oops", "weight_map"),
+                          ('{"weight_map": {"a": "model-00001-of-00002.safetensors"}}', "interrupted download")]:
+        index.write_text(text)
+        with pytest.raises(CheckpointError, match=message):
+            load_model(shards)
     gguf = tmp_path / "bad.gguf"
     gguf.write_bytes(b"not a gguf")
     with pytest.raises(CheckpointError, match="GGUF"):
         load_model(gguf)
+
+
+def test_only_the_models_own_weights_file_is_read(tiny_paths, tmp_path):
+    import shutil
+
+    from workers.engine import Engine, EngineConfig, ModelConfig, SamplingParams
+
+    def tokens(path) -> list[int]:
+        engine = Engine(EngineConfig([ModelConfig("m", str(path), dtype="float32", block_size=4, kv_cache_mb=4)]))
+        return engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0].token_ids
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_paths["llama"], model)
+    reference = tokens(model)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_paths["llama"], other)
+    st = other / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v + 1 for k, v in load_file(st).items()}, model / "model_backup.safetensors")
+    assert tokens(model) == reference
+    (model / "model.safetensors").rename(model / "weights.safetensors")
+    with pytest.raises(CheckpointError, match="2 other"):
+        load_model(model)

@@ -111,11 +111,40 @@ def test_bad_worker_options_are_clear_errors(tiny_path, args, message):
     assert "Traceback" not in r.output
 
 
+def test_serve_on_a_port_in_use_is_refused(served, tiny_path):
+    address, _ = served
+    r = invoke("serve", "--model", str(tiny_path), "--port", address.rpartition(":")[2])
+    assert r.exit_code == 2 and "cannot bind" in r.stderr, r.output
+
+
+def test_serve_gives_up_on_a_model_that_does_not_load(tiny_path, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_path, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    t0 = time.monotonic()
+    r = invoke("serve", "--model", str(bad), "--port", "0")
+    assert r.exit_code == 2 and "exited before it was ready 2 times" in r.stderr, r.output
+    assert time.monotonic() - t0 < 120
+
+
+def test_a_failed_chat_turn_does_not_end_the_chat(served):
+    address, _ = served
+    r = invoke("chat", "--server", address, "--max-tokens", "4", "--temperature", "0",
+               input="first\n" + "x " * 600 + "\nafter the error\n")
+    assert r.exit_code == 0, r.output
+    assert "error: INVALID_ARGUMENT" in r.stderr and "/reset" in r.stderr
+    assert len(re.findall(r"cached prefix (\d+) tokens", r.stdout)) == 2, r.output
+
+
 def test_bad_config_names_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("server: {port: 1, bogus_key: 3}\nmodels: [{name: a, path: /x}]\n")
     r = invoke("serve", "--config", str(bad))
     assert r.exit_code == 2 and "server.bogus_key" in r.stderr, r.output
+    assert "install" not in r.stderr
 
 
 def test_sigterm_drains_and_exits(served):

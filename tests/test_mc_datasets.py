@@ -27,3 +27,12 @@ def test_multiple_choice_data():
                for m, i in zip(mixed, sciq))
     assert all(150 < sum(m.answer == a for m in mixed) < 350 for a in range(4))
     assert mixed == [shuffle_choices(i) for i in sciq]
+
+
+def test_answers_are_compared_exactly_at_any_length():
+    from tandem.datasets import extract_answer, normalize_number
+
+    assert extract_answer("x " + "9" * 400) == "9" * 400
+    assert [normalize_number(t) for t in ("1,000.50", "7.0", "$12", "-3", "0.10", "abc")] == \
+        ["1000.5", "7", "12", "-3", "0.1", "abc"]
+    assert extract_answer("so 2 and then the answer is 18.") == "18"

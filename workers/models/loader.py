@@ -117,14 +117,35 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 def _safetensors_items(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Read tensors one at a time with plain file reads (no mmap), so loading never holds the
     whole file in memory beside the model."""
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path} holds no *.safetensors weights")
+    seen: set[str] = set()
+    for f in _weight_files(path):
+        for name, tensor in _read_safetensors(f):
+            if name in seen:
+                raise CheckpointError(f"{f}: tensor {name} is also in another weights file of {path}")
+            seen.add(name)
+            yield name, tensor
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The checkpoint's weights as transformers picks them: the index's shards, else model.safetensors, else
+    the one *.safetensors there is (other files, such as adapters or backups, are not the model's)."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = [path / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    for f in files:
-        yield from _read_safetensors(f)
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index with a weight_map: {e!r}") from None
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shards that are not in {path}: {missing[:3]} (an interrupted download?)")
+        return [path / n for n in names]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) != 1:
+        raise CheckpointError(f"{path} holds no model.safetensors, no model.safetensors.index.json and "
+                              f"{len(files)} other *.safetensors files: {[f.name for f in files][:5]}")
+    return files
 
 
 @dataclass
