@@ -250,6 +250,7 @@ def train(cfg: TrainConfig, echo: Callable[[str], None] = print, models: PairMod
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     state = _resume(out, cfg, models.pair, fuser, opt, sched)
     step = state.get("step", 0)
+    _keep_history(out / HISTORY, step)
     if cfg.init and not step:
         _initialize(fuser, cfg.init, models.pair)
         echo(f"starting from the weights of {cfg.init}")
@@ -341,6 +342,22 @@ def _save(out: Path, cfg: TrainConfig, pair, fuser: Fuser, opt, sched, state: di
     meta = {"alignment": cfg.alignment, "step": state["step"], "training": cfg.fixed(),
             **{k: state.get(k) for k in ("val_loss", "receiver_val_loss", "val_match", "receiver_val_match")}}
     checkpoint.save(out, fuser, pair, meta)
+
+
+def _keep_history(path: Path, step: int) -> None:
+    """Drop the lines of steps after `step`, which a run interrupted between saves wrote and the resumed run redoes."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _append(path: Path, record: dict) -> None:

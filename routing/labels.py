@@ -13,9 +13,11 @@ from tqdm import tqdm
 
 from routing import features as feats
 from routing.judge import Case, CostBook, JudgeContext, StageCost, make_judge
+from routing.r2r import share_tokenizer
 from routing.teacher_force import Forced, teacher_force
 from tandem.datasets import GSM8K_STOP, MathItem, gsm8k, gsm8k_prompt
 from tandem.errors import TandemError
+from tandem.evals.store import dtype_name
 from workers.chat import encode
 from workers.engine import Engine, EngineConfig, ModelConfig, SamplingParams
 
@@ -48,8 +50,8 @@ class LabelConfig:
     def fixed(self) -> dict:
         """What must not change between runs on one directory (the item range may grow)."""
         keep = ("slm", "llm", "data", "judge", "max_new_tokens", "continuation_tokens",
-                "max_mismatches_per_item", "top_k", "dtype")
-        return {k: v for k, v in asdict(self).items() if k in keep}
+                "max_mismatches_per_item", "top_k")
+        return {**{k: v for k, v in asdict(self).items() if k in keep}, "dtype": dtype_name(self.dtype)}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -71,6 +73,7 @@ def append_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def check_manifest(cfg: LabelConfig, out: Path) -> None:
+    """Refuse a directory holding labels of another configuration (its manifest is written once the models load)."""
     path = out / MANIFEST
     if path.is_file():
         old = json.loads(path.read_text())
@@ -79,16 +82,26 @@ def check_manifest(cfg: LabelConfig, out: Path) -> None:
             detail = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
             raise LabelError(f"{out} holds labels made with another configuration ({detail}); "
                              "use another --out directory")
-        return
+
+
+def write_manifest(cfg: LabelConfig, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cfg.fixed(), indent=2))
+    (out / MANIFEST).write_text(json.dumps(cfg.fixed(), indent=2))
+
+
+def load_items(start: int, stop: int, data: str | None) -> list[MathItem]:
+    """GSM8K items [start, stop); refused when the range holds none."""
+    items = gsm8k(start, stop, data)
+    if not items:
+        raise LabelError(f"--items: {start}:{stop} holds no items; the data has {len(gsm8k(0, None, data))} items")
+    return items
 
 
 def pair_engine(slm: str, llm: str, dtype: str, kv_cache_mb: float, **engine_options) -> Engine:
     """One engine holding the SLM as "slm" and the LLM as "llm"; refused unless they share one tokenizer."""
     models = [ModelConfig(name, path, dtype=dtype, kv_cache_mb=kv_cache_mb) for name, path in (("slm", slm), ("llm", llm))]
     engine = Engine(EngineConfig(models, **engine_options))
-    if engine.model("slm").tokenizer.get_vocab() != engine.model("llm").tokenizer.get_vocab():
+    if not share_tokenizer(engine.model("slm"), engine.model("llm")):
         raise LabelError(f"the SLM ({slm}) and the LLM ({llm}) do not share one tokenizer")
     return engine
 
@@ -154,7 +167,7 @@ class LabelJob:
 
     def run(self) -> dict:
         cfg = self.cfg
-        items = gsm8k(cfg.start, cfg.stop, cfg.data)
+        items = load_items(cfg.start, cfg.stop, cfg.data)
         check_manifest(cfg, self.out)
         stages = [("answers", ANSWERS, self._answers), ("teacher forcing", TEACHER, self._teacher),
                   ("judge", LABELS, self._judge)]
@@ -164,6 +177,7 @@ class LabelJob:
     def _setup(self) -> None:
         if self.engine is None:
             self.engine = pair_engine(self.cfg.slm, self.cfg.llm, self.cfg.dtype, self.cfg.kv_cache_mb)
+            write_manifest(self.cfg, self.out)
 
     def _answers(self, chunk: list[MathItem]) -> None:
         tok = self.engine.model("llm").tokenizer

@@ -34,7 +34,19 @@ from workers.engine import (
     StepOutput,
     StepView,
 )
+from workers.engine.engine import ResidentModel
 from workers.engine.sequence import Priority, Sequence
+
+
+def share_tokenizer(a: ResidentModel, b: ResidentModel) -> bool:
+    """Whether every token id both resident models can write is the same token to both (tokens a tokenizer
+    adds past the model's vocabulary, which it never writes, aside)."""
+    n = min(a.runner.spec.vocab_size, b.runner.spec.vocab_size)
+    return _writable(a, n) == _writable(b, n)
+
+
+def _writable(model: ResidentModel, n: int) -> dict[str, int]:
+    return {token: i for token, i in model.tokenizer.get_vocab().items() if i < n}
 
 
 def llm_seed(seed: int) -> int:
@@ -91,6 +103,8 @@ class R2R:
             slm_spec, llm_spec = self.slm.runner.spec, self.llm.runner.spec
             if slm_spec.eos_token_ids != llm_spec.eos_token_ids:
                 raise InvalidRequestError("llm", f"{slm!r} and {llm!r} do not share special tokens")
+            if not share_tokenizer(self.slm, self.llm):
+                raise InvalidRequestError("llm", f"{slm!r} and {llm!r} do not share one tokenizer")
         self.llm_stream = (torch.cuda.Stream(self.llm.runner.device)
                            if llm_stream and self.llm is not None and self.llm.runner.device.type == "cuda" else None)
         if self.llm_stream is not None:

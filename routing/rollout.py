@@ -10,12 +10,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from routing.deciders import RouterDecider
-from routing.labels import (ANSWERS, TEACHER, answer_rows, append_jsonl, check_manifest, pair_engine, read_jsonl,
-                            run_stages, write_forced)
+from routing.labels import (ANSWERS, TEACHER, answer_rows, append_jsonl, check_manifest, load_items, pair_engine,
+                            read_jsonl, run_stages, write_forced, write_manifest)
 from routing.r2r import R2R
 from routing.router import Router
 from routing.teacher_force import teacher_force
-from tandem.datasets import GSM8K_STOP, MathItem, gsm8k, gsm8k_prompt
+from tandem.datasets import GSM8K_STOP, MathItem, gsm8k_prompt
+from tandem.evals.store import dtype_name
 from workers.chat import encode
 from workers.engine import Engine, SamplingParams
 
@@ -38,8 +39,8 @@ class RolloutConfig:
     token_budget: int = 4096
 
     def fixed(self) -> dict:
-        keep = ("slm", "llm", "router", "threshold", "data", "max_new_tokens", "dtype")
-        return {"kind": "rollout", **{k: v for k, v in asdict(self).items() if k in keep}}
+        keep = ("slm", "llm", "router", "threshold", "data", "max_new_tokens")
+        return {"kind": "rollout", **{k: v for k, v in asdict(self).items() if k in keep}, "dtype": dtype_name(self.dtype)}
 
 
 class RolloutJob:
@@ -50,7 +51,7 @@ class RolloutJob:
         self.top_k = 0   # the router's, once loaded
 
     def run(self) -> dict:
-        items = gsm8k(self.cfg.start, self.cfg.stop, self.cfg.data)
+        items = load_items(self.cfg.start, self.cfg.stop, self.cfg.data)
         check_manifest(self.cfg, self.out)
         stages = [("answers", ANSWERS, self._answers), ("teacher forcing", TEACHER, self._teacher)]
         seconds = run_stages(self.out, items, stages, self.cfg.batch_items, self._setup, self.echo)
@@ -77,6 +78,7 @@ class RolloutJob:
                              slm_hidden_size=runner.spec.hidden_size)
         self.top_k = router.config.top_k
         self.r2r = R2R(self.engine, "slm", "llm", [RouterDecider(router)], llm_min_rows=cfg.llm_min_rows)
+        write_manifest(self.cfg, self.out)
 
     def _answers(self, chunk: list[MathItem]) -> None:
         tok = self.engine.model("slm").tokenizer

@@ -8,10 +8,12 @@ rest); both raised validation recall at 10-20% LLM tokens by 4-5 points (docs/r2
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -46,12 +48,20 @@ class RouterConfig:
         known = {f.name for f in fields(cls)}
         data = {"logit_features": "raw", "standardize": False, **data}   # checkpoints made before these keys
         config = cls(**{k: v for k, v in data.items() if k in known})
+        config.check_types()
         if config.logit_features not in LOGIT_FEATURES:
             raise TypeError(f"logit_features must be one of {LOGIT_FEATURES}, got {config.logit_features!r}")
         return config
 
+    def check_types(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, FIELD_TYPES[f.type]) or (isinstance(value, bool) and f.type != "bool"):
+                raise TypeError(f"{f.name} must be of type {f.type}, got {value!r}")
+
 
 LOGIT_FEATURES = ("raw", "log_softmax")
+FIELD_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "dict | None": (dict, type(None))}
 
 
 class Block(nn.Module):
@@ -142,11 +152,12 @@ class Router(nn.Module):
         return torch.sigmoid(self(*self.features(hidden, tokens, logits)))
 
     def save(self, directory: str | Path) -> Path:
+        """Weights then config, each through a temporary file, so a crash leaves the old checkpoint."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS))
-        (directory / CONFIG).write_text(json.dumps(asdict(self.config), indent=2))
+        _replace(directory / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+        _replace(directory / CONFIG, lambda tmp: tmp.write_text(json.dumps(asdict(self.config), indent=2)))
         return directory
 
     @classmethod
@@ -164,12 +175,25 @@ class Router(nn.Module):
             raise RouterCheckpointError(
                 f"router checkpoint {directory} was made for hidden size {config.hidden_size}, "
                 f"but the SLM's hidden size is {slm_hidden_size}")
-        router = cls(config, embedding)
         try:
-            router.load_state_dict(load_file(str(directory / WEIGHTS)))
+            router = cls(config, embedding)
+        except (RuntimeError, ValueError) as e:
+            raise RouterCheckpointError(f"router checkpoint {directory}: {CONFIG} is not valid: {e}") from None
+        try:
+            weights = load_file(str(directory / WEIGHTS))
+        except (SafetensorError, OSError) as e:
+            raise RouterCheckpointError(f"router checkpoint {directory}: {WEIGHTS} is not readable: {e}") from None
+        try:
+            router.load_state_dict(weights)
         except RuntimeError as e:
             raise RouterCheckpointError(f"router checkpoint {directory}: weights do not match its config: {e}") from None
         return router.to(device).eval()
+
+
+def _replace(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 class RouterGraphs:

@@ -76,15 +76,17 @@ def load_dataset(labels_dirs: str | Path | list, target: str = "divergent", dive
     directories are read as one data set; one without judged labels (`tandem r2r rollout`) serves `mismatch` only."""
     if target not in TARGETS:
         raise TrainError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
-    parts, divergent = [], []
-    for d in label_dirs(labels_dirs):
+    dirs, parts, divergent = label_dirs(labels_dirs), [], []
+    for d in dirs:
         lines = read_jsonl(d / LABELS)
         feats = load_features(d)
         if feats is None or (not lines and target == "divergent"):
             raise TrainError(f"{d} holds no finished labels; run `tandem r2r label --out {d}` first"
                              + (" (a rollout directory serves --target mismatch only)" if feats is not None else ""))
+        check_finite(d, feats)
         parts.append(feats)
         divergent.append(_judged(lines, feats))
+    check_same_sizes(dirs, parts)
     feats, divergent = Features.cat(parts), torch.cat(divergent)
     if target == "divergent":
         keep = divergent >= 0
@@ -93,6 +95,21 @@ def load_dataset(labels_dirs: str | Path | list, target: str = "divergent", dive
     y = (feats.token != feats.target).float()
     weight = torch.where(divergent == 1, divergent_weight, 1.0)
     return Dataset(feats, y, weight, divergent)
+
+
+def check_finite(directory: Path, feats: Features) -> None:
+    bad = ~(torch.isfinite(feats.hidden).all(1) & torch.isfinite(feats.topk).all(1))
+    if bad.any():
+        raise TrainError(f"--labels: {directory} holds non-finite features (inf or NaN hidden states or logits) in "
+                         f"{int(bad.sum())} of {len(bad)} rows; a router cannot train on them")
+
+
+def check_same_sizes(dirs: list[Path], parts: list[Features]) -> None:
+    sizes = [(f.hidden.shape[1], f.topk.shape[1]) for f in parts]
+    for d, (hidden, top_k) in zip(dirs, sizes):
+        if (hidden, top_k) != sizes[0]:
+            raise TrainError(f"--labels: {d} holds features of hidden size {hidden} and top-k {top_k}, but {dirs[0]} "
+                             f"of hidden size {sizes[0][0]} and top-k {sizes[0][1]}; train on labels of one SLM")
 
 
 def _judged(lines: list[dict], feats: Features) -> torch.Tensor:
@@ -200,7 +217,7 @@ class Trainer:
         loss_fn = self.loss_fn(pos_weight)
         opt = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         gen = torch.Generator().manual_seed(cfg.seed)
-        best, best_state, since, history = math.inf, copy.deepcopy(router.state_dict()), 0, []
+        best, best_state, since, history = math.inf, None, 0, []
         steps = math.ceil(len(train_idx) / cfg.batch)
         for epoch in range(1, cfg.epochs + 1):
             router.train()
@@ -210,11 +227,14 @@ class Trainer:
                            disable=steps < 4):
                 idx = order[at : at + cfg.batch]
                 loss = loss_fn(router(*self.inputs(idx)), idx)
+                value = loss.item()
+                self.check_loss("training", value, epoch)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total += loss.item() * len(idx)
+                total += value * len(idx)
             val_loss, _ = self.loss_over(router, val_idx, loss_fn)
+            self.check_loss("validation", val_loss, epoch)
             improved = val_loss < best
             if improved:
                 best, best_state, since = val_loss, copy.deepcopy(router.state_dict()), 0
@@ -226,8 +246,19 @@ class Trainer:
             if since >= cfg.patience:
                 self.echo(f"early stop: no better validation loss for {cfg.patience} epochs")
                 break
+        if best_state is None:
+            raise TrainError(f"no epoch lowered the validation loss on {self.labels}; nothing to save")
         router.load_state_dict(best_state)
         return history
+
+    @property
+    def labels(self) -> str:
+        return ", ".join(str(d) for d in label_dirs(self.cfg.labels))
+
+    def check_loss(self, split: str, loss: float, epoch: int) -> None:
+        if not math.isfinite(loss):
+            raise TrainError(f"the {split} loss on {self.labels} is {loss} at epoch {epoch}; "
+                             "check the labels' features or lower --lr")
 
 
 def train_router(cfg: TrainConfig, echo: Callable[[str], None] = print) -> dict:

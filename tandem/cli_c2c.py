@@ -1,6 +1,7 @@
 """`tandem c2c ...`: train a C2C fuser for a (receiver, sharer) pair."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +23,13 @@ def _model(option: str, value: str) -> str:
     if not (path.is_dir() and (path / "config.json").is_file()):
         fail(f"{option}: {path} is not a Hugging Face model directory (training needs config.json + safetensors)")
     return str(path)
+
+
+def _check_optimizer(lr: float, weight_decay: float) -> None:
+    if not (math.isfinite(lr) and lr > 0):
+        fail(f"--lr: must be a finite number above 0, got {lr}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        fail(f"--weight-decay: must be a finite number of at least 0, got {weight_decay}")
 
 
 @c2c_app.command("train")
@@ -73,6 +81,7 @@ def train_cmd(
         fail(f"--alignment: {alignment!r} is not one of {', '.join(STRATEGIES)}")
     if dtype not in ("auto", "float32", "bfloat16"):
         fail(f"--dtype: {dtype!r} is not one of auto, float32, bfloat16")
+    _check_optimizer(lr, weight_decay)
     if device.startswith("cuda"):
         import torch
 

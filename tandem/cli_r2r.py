@@ -1,6 +1,7 @@
 """`tandem r2r ...`: label data for the R2R router and train it."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,13 @@ def _items(value: str) -> tuple[int, int]:
     if not 0 <= start < stop:
         fail(f"--items: {value!r} is not a range START:STOP with 0 <= START < STOP")
     return start, stop
+
+
+def _check_optimizer(lr: float, weight_decay: float) -> None:
+    if not (math.isfinite(lr) and lr > 0):
+        fail(f"--lr: must be a finite number above 0, got {lr}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        fail(f"--weight-decay: must be a finite number of at least 0, got {weight_decay}")
 
 
 @r2r_app.command("label")
@@ -120,6 +128,7 @@ def train_cmd(
         _existing("--labels", directory)
     if target not in TARGETS:
         fail(f"--target: must be one of {', '.join(TARGETS)}, got {target!r}")
+    _check_optimizer(lr, weight_decay)
     cfg = TrainConfig(labels=labels[0] if len(labels) == 1 else labels, slm=model_option("--slm", slm), out=str(out), width=width, depth=depth,
                       dropout=dropout, lr=lr, weight_decay=weight_decay, batch=batch, epochs=epochs,
                       patience=patience, target_recall=target_recall, val_fraction=val_fraction, seed=seed,

@@ -359,6 +359,43 @@ def test_training_continues_from_a_trained_fuser(paths, tmp_path):
                           **{**kw, "sharer": str(paths["llama"])}), lambda _: None)
 
 
+def test_resumed_training_keeps_one_history_line_per_step(paths, tmp_path, monkeypatch):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"Name {a} twice."},
+                                                       {"role": "assistant", "content": f"{a} {a}."}]})
+                              for a in range(4)))
+    models = PairModels(str(paths["qwen2"]), str(paths["llama"]))
+    cfg = TrainConfig(receiver=str(paths["qwen2"]), sharer=str(paths["llama"]), out=str(tmp_path / "run"),
+                      data=str(data), steps=6, batch=2, hidden=16, intermediate=16, val_fraction=0.0, save_every=2)
+    loss, calls = PairModels.loss, []
+
+    def interrupted(self, fuser, ex):
+        calls.append(1)
+        if len(calls) == 7:                  # in step 4: steps 1-3 are in the history, the checkpoint is at step 2
+            raise KeyboardInterrupt
+        return loss(self, fuser, ex)
+    monkeypatch.setattr(PairModels, "loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, lambda _: None, models)
+    monkeypatch.setattr(PairModels, "loss", loss)
+    assert train(cfg, lambda _: None, models).step == 6
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("extra, needle", [(["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"),
+                                           (["--weight-decay", "-0.1"], "--weight-decay")])
+def test_train_cli_refuses_bad_optimizer_settings(paths, tmp_path, extra, needle):
+    from typer.testing import CliRunner
+
+    from tandem.cli import app
+
+    run = CliRunner().invoke(app, ["c2c", "train", "--receiver", str(paths["qwen2"]), "--sharer", str(paths["llama"]),
+                                   "--out", str(tmp_path / "run"), *extra])
+    assert run.exit_code == 2 and f"error: {needle}: must be a finite number" in run.output, run.output
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_training_and_serving(paths, tmp_path):
     """On CUDA: training with bf16 models under autocast, and a trained fuser served by a CUDA engine."""

@@ -11,6 +11,7 @@ from c2c import checkpoint
 from c2c.fuser import Fuser, FuserConfig
 from tandem.evals import c2c_mc
 from tandem.evals.c2c_mc import C2CEvalSpec, run_eval
+from tandem.errors import TandemError
 from tandem.evals.store import EvalError
 from tandem.mc_datasets import MCItem
 
@@ -27,12 +28,12 @@ def synthetic_items(monkeypatch):
     torch.set_num_threads(before)
 
 
-def _closed_fuser(receiver, sharer, out):
+def _closed_fuser(receiver, sharer, out, gate: float = -1.0):
     pair = checkpoint.Pair(checkpoint.ModelId.read(receiver), checkpoint.ModelId.read(sharer))
     fuser = Fuser(FuserConfig(pair.receiver.kv, pair.sharer.kv, hidden=16, intermediate=16, dropout=0.0))
     with torch.no_grad():
         for layer in fuser.layers:
-            layer.gate_logits.fill_(-1.0)
+            layer.gate_logits.fill_(gate)
     checkpoint.save(out, fuser, pair)
     return str(out)
 
@@ -55,6 +56,21 @@ def test_configs_resume_and_closed_gates(tiny_paths, tmp_path):
     assert len((tmp_path / "ev" / "c2c.jsonl").read_text().splitlines()) == 5            # only the new item ran
     with pytest.raises(EvalError, match="--out"):
         run_eval(C2CEvalSpec(**{**spec.__dict__, "sharer": str(tiny_paths["qwen2"])}), lambda _: None, False)
+
+
+def test_failed_run_leaves_no_manifest_and_a_replaced_fuser_is_refused(tiny_paths, tmp_path):
+    receiver, sharer = str(tiny_paths["qwen3"]), str(tiny_paths["llama"])
+    spec = C2CEvalSpec(receiver=receiver, sharer=sharer, out=str(tmp_path / "ev"), tasks=["arc_challenge"], items=1,
+                       configs=["c2c"], fuser=_closed_fuser(receiver, sharer, tmp_path / "fuser"), dtype="fp8",
+                       batch=1, max_new_tokens=2, kv_cache_mb=4)
+    with pytest.raises(TandemError, match="fp8"):
+        run_eval(spec, lambda _: None, progress=False)
+    assert not (tmp_path / "ev" / "eval.json").exists()
+    run_eval(C2CEvalSpec(**{**spec.__dict__, "dtype": "fp32"}), lambda _: None, progress=False)
+    run_eval(C2CEvalSpec(**{**spec.__dict__, "dtype": "float32"}), lambda _: None, progress=False)
+    _closed_fuser(receiver, sharer, tmp_path / "fuser", gate=-2.0)
+    with pytest.raises(EvalError, match="--out: .* holds an evaluation with fuser_sha256="):
+        run_eval(C2CEvalSpec(**{**spec.__dict__, "dtype": "float32"}), lambda _: None, progress=False)
 
 
 def test_bad_options(tiny_paths, tmp_path):

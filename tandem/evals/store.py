@@ -2,6 +2,7 @@
 the run's manifest, and the cached entropy calibration."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from tandem.errors import TandemError
 
 MANIFEST = "eval.json"
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class EvalError(TandemError):
@@ -39,6 +41,24 @@ def read_jsonl(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 continue  # a line cut short by an interrupted run: its item is simply redone
     return rows
+
+
+def dtype_name(dtype: str) -> str:
+    """One name per dtype (fp32 and float32 are the same run)."""
+    return DTYPE_ALIASES.get(dtype, dtype)
+
+
+def files_sha256(directory: str | Path, names: tuple[str, ...]) -> str:
+    """One digest of the named files of a checkpoint directory (those present), to tell a replaced checkpoint."""
+    digest = hashlib.sha256()
+    for name in names:
+        path = Path(directory) / name
+        if path.is_file():
+            digest.update(name.encode())
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _same(a: float | None, b: float | None) -> bool:
@@ -76,18 +96,30 @@ class Store:
     def known(self) -> list[RunConfig]:
         return [RunConfig(**c) for c in self.manifest().get("configs", {}).values()]
 
-    def check_manifest(self, fixed: dict) -> dict:
-        """Refuse to mix runs of other models, data or settings in one directory; a value first given
-        now (e.g. the router, on a rerun that adds r2r) is filled in."""
+    def check_manifest(self, fixed: dict, optional: tuple[str, ...] = ()) -> dict:
+        """Refuse to mix runs of other models, data or settings in one directory; return the manifest to
+        `write_manifest` once the models load. The `optional` keys (a checkpoint's path and digest) are given
+        together or not at all: compared when given both then and now, else filled in."""
         old = self.manifest()
-        for key, value in fixed.items():
-            before = old.get(key)
-            if before is not None and value is not None and before != value:
-                raise EvalError(f"--out: {self.out} holds an evaluation with {key}={before!r}, not {value!r}; "
-                                "use another --out directory")
-        merged = {**old, **{k: v for k, v in fixed.items() if v is not None}}
-        (self.out / MANIFEST).write_text(json.dumps(merged, indent=2))
-        return merged
+        if (self.out / MANIFEST).is_file():
+            given_before = any(old.get(k) is not None for k in optional)
+            for key, value in fixed.items():
+                if key not in optional or (value is not None and given_before):
+                    self._compare(old, key, value)
+        return {**old, **{k: v for k, v in fixed.items() if v is not None}}
+
+    def _compare(self, old: dict, key: str, value) -> None:
+        if key not in old:
+            raise EvalError(f"--out: {self.out} holds an evaluation that does not record its {key} (an earlier "
+                            "version made it); use another --out directory")
+        if old[key] != value:
+            raise EvalError(f"--out: {self.out} holds an evaluation with {key}={old[key]!r}, not {value!r}; "
+                            "use another --out directory")
+
+    def write_manifest(self, manifest: dict) -> None:
+        """Record `manifest` (from `check_manifest`), keeping the configs registered since."""
+        configs = self.manifest().get("configs", {})
+        (self.out / MANIFEST).write_text(json.dumps({**manifest, "configs": configs}, indent=2))
 
     def cached(self, name: str, key: dict) -> dict | None:
         path = self.out / name
