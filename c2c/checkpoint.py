@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from c2c.fuser import Fuser, FuserConfig, KVShape
@@ -104,7 +105,11 @@ def load(directory: str | os.PathLike, pair: Pair | None = None, device: str | t
                               f"it cannot serve {pair}")
     fuser = Fuser(cfg)
     try:
-        fuser.load_state_dict(load_file(str(Path(directory) / WEIGHTS)))
+        weights = load_file(str(Path(directory) / WEIGHTS))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"fuser checkpoint {directory}: {WEIGHTS} is missing or damaged: {e}") from None
+    try:
+        fuser.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"fuser checkpoint {directory}: weights do not match its config: {e}") from None
     return fuser.to(device, dtype).eval(), doc

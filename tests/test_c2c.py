@@ -357,6 +357,10 @@ def test_training_continues_from_a_trained_fuser(paths, tmp_path):
     with pytest.raises(CheckpointError, match="cannot serve"):
         train(TrainConfig(out=str(tmp_path / "other"), steps=1, init=str(tmp_path / "base"),
                           **{**kw, "sharer": str(paths["llama"])}), lambda _: None)
+    weights = tmp_path / "base" / checkpoint.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="missing or damaged"):
+        checkpoint.load(tmp_path / "base")
 
 
 def test_resumed_training_keeps_one_history_line_per_step(paths, tmp_path, monkeypatch):
