@@ -129,6 +129,20 @@ def test_largest_seed_and_a_request_id_used_again_at_once(stubs):
             assert len(ids) == N and final.pipeline_stats["llm_tokens"] > 0
 
 
+def test_an_aborted_request_id_is_free_again_at_once(s):
+    generate(s, PROMPTS[1], r2r=pb.R2RParams(decider="forced", threshold=0.0))  # every worker link is open
+    call = s.Generate(pb.GenerateRequest(request_id="aborted", token_ids=pb.TokenIds(ids=PROMPTS[0]), pipeline="r2r",
+                                         sampling=sampling(max_tokens=400, ignore_eos=True),
+                                         r2r=pb.R2RParams(decider="forced", threshold=1.0)))
+    next(call)  # the LLM side was never started: the abort must not mark its id on the LLM's worker
+    assert s.Abort(pb.AbortRequest(request_ids=["aborted"])).aborted == ["aborted"]
+    with pytest.raises(grpc.RpcError) as e:
+        list(call)
+    assert e.value.code() == grpc.StatusCode.CANCELLED
+    ids, sources, _ = generate(s, PROMPTS[0], request_id="aborted", r2r=pb.R2RParams(decider="forced", threshold=0.0))
+    assert len(ids) == N and set(sources) == {LLM}
+
+
 def test_baseline_deciders_and_defaults(s):
     ids, sources, final = generate(s, PROMPTS[0], r2r=pb.R2RParams(decider="entropy", threshold=0.0))
     assert set(sources) == {LLM}

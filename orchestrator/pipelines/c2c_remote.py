@@ -81,12 +81,14 @@ async def _feed_one(pipeline: C2C, receiver: WorkerHandle, request: PipelineRequ
     submission = wpb.WorkerGenerateRequest(
         request_id=srid, model=name, prompt_token_ids=need.token_ids, sampling=pb.SamplingParams(max_tokens=1),
         priority=request.priority, prefill_only=True)
-    pipeline.active.setdefault(rid, []).append((handle, srid))
+    placed = (handle, srid)
+    pipeline.active.setdefault(rid, []).append(placed)
     async with contextlib.aclosing(relay(handle, submission, request.timeout, repr(name))) as steps:
         async for step in steps:
             if step.ready:
                 break
             if step.finished:
+                _forget(pipeline, rid, placed)
                 raise SharerEnded(f"sharer {name!r} of {rid!r} ended before its prefill: "
                                   f"{step.error or step.finish_reason}")
         else:
@@ -98,6 +100,7 @@ async def _feed_one(pipeline: C2C, receiver: WorkerHandle, request: PipelineRequ
             for run in runs(need.layers):
                 kv.append(await handle.stub.ExportKV(wpb.ExportKVRequest(
                     request_id=srid, layer_start=run.start, layer_end=run.stop, start=0, end=n), timeout=request.timeout))
+            _forget(pipeline, rid, placed)  # from here an abort of the request need not reach the sharer
             await handle.stub.Release(wpb.RequestRef(request_id=srid), timeout=request.timeout)
             await read_to_end(steps)
         except grpc.aio.AioRpcError as e:
@@ -108,3 +111,8 @@ async def _feed_one(pipeline: C2C, receiver: WorkerHandle, request: PipelineRequ
         raise worker_error(receiver, e) from None
     transfer.bytes += sum(len(d.k.data) + len(d.v.data) for d in kv)
     transfer.transfer_s += time.perf_counter() - started
+
+
+def _forget(pipeline: C2C, rid: str, placed: tuple[WorkerHandle, str]) -> None:
+    with contextlib.suppress(KeyError, ValueError):
+        pipeline.active[rid].remove(placed)

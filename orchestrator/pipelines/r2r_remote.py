@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 
 import grpc
 
-from tandem.status import StatusError
+from tandem.status import StatusError, unavailable
 from orchestrator.pipelines.base import PipelineRequest
 from orchestrator.pipelines.single import chunk_of, final_of, read_to_end, relay
 from orchestrator.workers import worker_error
@@ -42,6 +42,7 @@ class LLMSide:
         self.request_id = f"{request.request_id}/llm"
         self.request = request
         self.steps: AsyncIterator[wpb.WorkerStep] | None = None
+        self.link = None
         self.tokens = 0
         self.seconds = 0.0
 
@@ -53,7 +54,11 @@ class LLMSide:
                 sampling=llm_sampling(self.request.sampling), priority=self.request.priority, propose_only=True,
                 vocab_limit=self.vocab_limit)
             self.steps = relay(self.handle, submission, self.request.timeout, repr(self.model))
+            self.link = self.handle.link
         else:
+            if self.handle.link is not self.link or not self.handle.ready:
+                raise unavailable(f"the LLM's worker {self.handle.worker_id} serving {self.model!r} restarted "
+                                  f"while {self.request.request_id!r} ran")
             try:
                 await self.handle.stub.Extend(wpb.ExtendRequest(request_id=self.request_id, token_ids=token_ids,
                                                                 sample=True), timeout=self.request.timeout)
@@ -120,7 +125,8 @@ async def run_disaggregated(pipeline: R2R, request: PipelineRequest) -> AsyncIte
         request_id=rid, model=config.slm, prompt_token_ids=request.token_ids, sampling=sampling,
         priority=request.priority, route=pipeline.route(request.params))
     llm = LLMSide(llm_handle, config.llm, request, pipeline.pool.model_info(config.slm).vocab_size)
-    pipeline.active[rid] = [(slm, rid), (llm_handle, llm.request_id)]
+    pipeline.active[rid] = [(slm, rid)]  # the LLM side joins once it is submitted: an abort of an id a worker
+    #                                        has not seen would refuse that id there for a while
     try:
         async with contextlib.aclosing(relay(slm, submission, request.timeout, repr(config.slm))) as steps:
             async for step in steps:
@@ -130,6 +136,7 @@ async def run_disaggregated(pipeline: R2R, request: PipelineRequest) -> AsyncIte
                 if step.token_ids or step.text:
                     yield chunk_of(step)
                 if step.finished:
+                    pipeline.active[rid] = [(slm, rid)]
                     await llm.release()
                     yield _final(step, llm)
     finally:
@@ -138,6 +145,8 @@ async def run_disaggregated(pipeline: R2R, request: PipelineRequest) -> AsyncIte
 
 async def _hand_off(pipeline: R2R, slm: WorkerHandle, llm: LLMSide, step: wpb.WorkerStep) -> None:
     rid = llm.request.request_id
+    if llm.steps is None:
+        pipeline.active[rid].append((llm.handle, llm.request_id))
     try:
         proposal = await llm.propose(list(step.handoff_token_ids))
         inject = wpb.InjectRequest(request_id=rid, token_id=proposal.token_ids[0], source=llm.model)
